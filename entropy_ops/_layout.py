@@ -1,0 +1,23 @@
+"""Row layout: address ``[..., V]`` tensors as ``[outer, inner, V]`` without copying.
+
+A tensor whose leading dims cannot be flattened into one (``logits[:, :-1]`` of
+a ``[B, T, V]`` buffer, say) is still addressable with two row strides: row
+``r`` lives at ``(r // inner) * stride_outer + (r % inner) * stride_inner``.
+Only when even that is impossible (three or more leading dims that do not
+merge) is a copy made.
+"""
+import torch
+
+
+def as_rows3d(x: torch.Tensor) -> torch.Tensor:
+    """Return a ``[outer, inner, last]`` view of ``x`` (a copy only when no such view exists)."""
+    last = x.shape[-1]
+    if x.dim() == 1:
+        return x.view(1, 1, last)
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    inner = x.shape[-2]
+    try:
+        return x.view(-1, inner, last)
+    except RuntimeError:
+        return x.reshape(-1, inner, last)

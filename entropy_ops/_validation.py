@@ -1,0 +1,62 @@
+"""Input checks shared by the public ops: every message names the argument."""
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_float_tensor(name: str, x, *, min_dim: int = 1, allow_fp64: bool = True) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    allowed = FLOAT_DTYPES + ((torch.float64,) if allow_fp64 else ())
+    if x.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name} must have dtype in ({names}), got {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(x.shape)}")
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty last dimension, got shape {tuple(x.shape)}")
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature <= 0.0:
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    return temperature
+
+
+def check_targets(targets, lead_shape: torch.Size, n_classes: int, ignore_index: int, device: torch.device) -> None:
+    """``targets`` must be an integer tensor of shape ``lead_shape`` with ids in ``[0, n_classes)`` or ``ignore_index``."""
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must have an integer dtype, got {targets.dtype}")
+    if targets.shape != lead_shape:
+        raise ValueError(f"targets must have shape {tuple(lead_shape)} (the leading dims), got {tuple(targets.shape)}")
+    if targets.device != device:
+        raise ValueError(f"targets must be on the same device as the inputs ({device}), got {targets.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if 0 <= ignore_index < n_classes:
+        raise ValueError(f"ignore_index must lie outside [0, {n_classes}) (the vocabulary), got {ignore_index}")
+    if targets.numel():
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= n_classes))
+        if bool(bad.any()):
+            value = int(targets[bad].flatten()[0])
+            raise ValueError(
+                f"targets must be in [0, {n_classes}) or equal ignore_index={ignore_index}; found {value}"
+            )
+
+
+def check_finite_rows(lse: torch.Tensor, keep: torch.Tensor, name: str) -> None:
+    """Raise when a non-ignored row had only ``-inf`` (or NaN) logits: its log-prob is undefined."""
+    bad = keep & ~torch.isfinite(lse)
+    if bad.numel() and bool(bad.any()):
+        idx = int(bad.flatten().nonzero()[0])
+        raise ValueError(
+            f"{name} row {idx} (flattened) has no finite logit (all -inf, or NaN) while its target is not "
+            "ignored; mask that position with ignore_index"
+        )

@@ -1,0 +1,239 @@
+"""Per-token log-prob and entropy from logits, fused: ``token_logprobs_and_entropy``.
+
+Math (``s = z / tau``, ``p = softmax(s)``, target ``y``)::
+
+    logp = s_y - logsumexp(s)
+    H    = logsumexp(s) - sum_i p_i s_i
+    dz_i = (g_logp (1[i = y] - p_i) - g_H p_i (log p_i + H)) / tau
+
+Equals ``log_softmax(z.float() / tau).gather(-1, y)`` and
+``-(softmax * log_softmax).sum(-1)`` without materializing either: the CUDA
+path streams each row once per direction through the Triton kernels of
+``entropy_ops.kernels.token_logprobs_entropy``; the CPU path streams blocks of
+``chunk_rows`` rows through the PyTorch twin in ``entropy_ops.softmax_stats``.
+Forward saves only the fp32 ``lse`` and ``H`` per row (plus the logits
+reference); backward recomputes ``p``.
+
+Module layout: launch functions (usable without autograd), the CPU functions,
+the ``autograd.Function``, then the public functionals.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from . import softmax_stats
+from ._dispatch import resolve_backend
+from ._layout import as_rows3d
+from ._validation import check_finite_rows, check_float_tensor, check_targets, check_temperature
+
+# CPU path working set: each block holds about this many fp32 elements
+# (4 MiB), small enough to stay in a core's L2/L3 cache. Chosen on the 2-core
+# CI machine with `python -m benchmarks --device cpu` (N=4096, V=32000).
+CPU_BLOCK_ELEMENTS = 1 << 20
+
+
+@dataclass(frozen=True)
+class TokenOpParams:
+    """Non-tensor options of one call, carried through autograd."""
+
+    temperature: float = 1.0
+    ignore_index: int = -100
+    backend: str = "torch"  # already resolved: "triton" or "torch"
+    inplace_backward: bool = False
+
+    @property
+    def inv_tau(self) -> float:
+        return 1.0 / self.temperature
+
+
+# ---------------------------------------------------------------- Triton launches
+def token_forward_triton(logits3d: torch.Tensor, targets: torch.Tensor, params: TokenOpParams):
+    """Launch the forward kernel. ``logits3d`` ``[A, B, V]`` (any strides), ``targets`` ``[A*B]`` int64.
+
+    Returns fp32 ``(logp, H, lse)``, each ``[A*B]``.
+    """
+    from .kernels.token_logprobs_entropy import _token_logprobs_entropy_fwd, launch_config
+
+    A, B, V = logits3d.shape
+    n_rows = A * B
+    logp, H, lse = (torch.empty(n_rows, dtype=torch.float32, device=logits3d.device) for _ in range(3))
+    if n_rows == 0:
+        return logp, H, lse
+    block, num_warps = launch_config(V, logits3d.element_size())
+    _token_logprobs_entropy_fwd[(n_rows,)](
+        logits3d, targets, logp, H, lse,
+        B, V,
+        logits3d.stride(0), logits3d.stride(1), logits3d.stride(2),
+        params.inv_tau, params.ignore_index,
+        BLOCK=block, num_warps=num_warps,
+    )
+    return logp, H, lse
+
+
+def token_backward_triton(logits3d, targets, lse, H, g_logp, g_H, params: TokenOpParams, out3d):
+    """Launch the backward kernel, writing ``dz`` into ``out3d`` (may be ``logits3d`` itself)."""
+    from .kernels.token_logprobs_entropy import _token_logprobs_entropy_bwd, launch_config
+
+    A, B, V = logits3d.shape
+    if A * B == 0:
+        return out3d
+    block, num_warps = launch_config(V, logits3d.element_size())
+    _token_logprobs_entropy_bwd[(A * B,)](
+        logits3d, targets, lse, H,
+        g_logp if g_logp is not None else lse,  # placeholder pointer, never read
+        g_H if g_H is not None else lse,
+        out3d,
+        B, V,
+        logits3d.stride(0), logits3d.stride(1), logits3d.stride(2),
+        out3d.stride(0), out3d.stride(1), out3d.stride(2),
+        params.inv_tau, params.ignore_index,
+        BLOCK=block, HAS_GRAD_LOGP=g_logp is not None, HAS_GRAD_ENTROPY=g_H is not None,
+        num_warps=num_warps,
+    )
+    return out3d
+
+
+# ---------------------------------------------------------------- CPU (chunked torch)
+def _row_blocks(logits3d: torch.Tensor):
+    """Yield ``(flat_start, block [n, V])`` views covering the rows, ``n * V <= CPU_BLOCK_ELEMENTS``."""
+    A, B, V = logits3d.shape
+    rows = max(1, CPU_BLOCK_ELEMENTS // max(V, 1))
+    for a in range(A):
+        for b0 in range(0, B, rows):
+            yield a * B + b0, logits3d[a, b0:b0 + rows]
+
+
+def token_forward_torch(logits3d: torch.Tensor, targets: torch.Tensor, params: TokenOpParams):
+    """CPU forward: same outputs as :func:`token_forward_triton`; extra memory ``O(block)``."""
+    A, B, V = logits3d.shape
+    n_rows = A * B
+    out_dtype = torch.float64 if logits3d.dtype == torch.float64 else torch.float32
+    logp, H, lse = (torch.zeros(n_rows, dtype=out_dtype, device=logits3d.device) for _ in range(3))
+    keep = targets != params.ignore_index
+    safe_targets = torch.where(keep, targets, 0)
+    for start, z in _row_blocks(logits3d):
+        n = z.shape[0]
+        sl = slice(start, start + n)
+        z_y = z.gather(1, safe_targets[sl].unsqueeze(1)).view(-1).to(out_dtype) * params.inv_tau
+        block_lse, block_H = softmax_stats.block_stats_(softmax_stats.scaled_block(z, params.inv_tau))
+        lse[sl], H[sl], logp[sl] = block_lse, block_H, z_y - block_lse
+    zero = torch.zeros((), dtype=out_dtype)
+    return torch.where(keep, logp, zero), torch.where(keep, H, zero), torch.where(keep, lse, zero)
+
+
+def token_backward_torch(logits3d, targets, lse, H, g_logp, g_H, params: TokenOpParams, out3d):
+    """CPU backward: writes ``dz`` block by block into ``out3d`` (may be ``logits3d`` itself)."""
+    keep = targets != params.ignore_index
+    safe_targets = torch.where(keep, targets, 0)
+    if g_logp is not None:
+        g_logp = torch.where(keep, g_logp, 0.0)
+    if g_H is not None:
+        g_H = torch.where(keep, g_H, 0.0)
+    B = logits3d.shape[1]
+    for start, z in _row_blocks(logits3d):
+        n = z.shape[0]
+        sl = slice(start, start + n)
+        dz = softmax_stats.block_grad_(
+            softmax_stats.scaled_block(z, params.inv_tau),
+            safe_targets[sl], lse[sl], H[sl],
+            None if g_logp is None else g_logp[sl],
+            None if g_H is None else g_H[sl],
+            params.inv_tau,
+        )
+        a, b0 = divmod(start, B)
+        out3d[a, b0:b0 + n].copy_(dz)
+    return out3d
+
+
+# ---------------------------------------------------------------- autograd
+class TokenLogprobsEntropy(torch.autograd.Function):
+    """``(logits [..., V], targets [...]) -> (logp [...], H [...])``, fp32; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, params: TokenOpParams):
+        logits3d = as_rows3d(logits)
+        flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
+        forward = token_forward_triton if params.backend == "triton" else token_forward_torch
+        logp, H, lse = forward(logits3d, flat_targets, params)
+        check_finite_rows(lse, flat_targets != params.ignore_index, "logits")
+        ctx.save_for_backward(logits, flat_targets, lse, H)
+        ctx.params = params
+        lead = logits.shape[:-1]
+        return logp.view(lead), H.view(lead)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_H):
+        logits, flat_targets, lse, H = ctx.saved_tensors
+        params: TokenOpParams = ctx.params
+        if not ctx.needs_input_grad[0] or (grad_logp is None and grad_H is None):
+            return None, None, None
+        g_logp = None if grad_logp is None else grad_logp.reshape(-1).to(lse.dtype).contiguous()
+        g_H = None if grad_H is None else grad_H.reshape(-1).to(lse.dtype).contiguous()
+        logits3d = as_rows3d(logits)
+        if params.inplace_backward and logits3d.data_ptr() == logits.data_ptr():  # a view, not a copy
+            out, out3d = logits, logits3d
+        else:
+            out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            out3d = as_rows3d(out)
+        backward = token_backward_triton if params.backend == "triton" else token_backward_torch
+        with torch.no_grad():
+            backward(logits3d, flat_targets, lse, H, g_logp, g_H, params, out3d)
+        return out, None, None
+
+
+# ---------------------------------------------------------------- public functionals
+def token_logprobs_and_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = True,
+    inplace_backward: bool = False,
+    backend: str = "auto",
+):
+    """Per-token log-prob of ``targets`` and entropy of ``softmax(logits / temperature)``.
+
+    Args:
+        logits: ``[..., V]`` fp32, bf16 or fp16 (fp64 on the CPU path), any strides.
+        targets: ``[...]`` integer ids in ``[0, V)``, or ``ignore_index``.
+        temperature: ``tau > 0``; the op sees ``logits / tau``.
+        ignore_index: positions with this target give 0 for both outputs and get zero gradient.
+        return_entropy: when False the second output is ``None`` (the kernel is the same).
+        inplace_backward: write ``d loss / d logits`` into the logits' own buffer in
+            backward, saving one ``[..., V]`` allocation. This *destroys the logits*:
+            use it only when nothing else reads them after the backward.
+        backend: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU; ``ENTROPY_OPS_BACKEND``
+            overrides), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``(logp, entropy)``, fp32 ``[...]``: ``logp = s_y - logsumexp(s)``,
+        ``entropy = logsumexp(s) - sum_i softmax(s)_i s_i`` with ``s = logits / tau``.
+        Gradient: ``dz_i = (g_logp (1[i=y] - p_i) - g_H p_i (log p_i + H)) / tau``.
+
+    Raises ``ValueError`` for a non-ignored row with no finite logit.
+    """
+    check_float_tensor("logits", logits)
+    temperature = check_temperature(temperature)
+    check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index, logits.device)
+    resolved = resolve_backend(backend, logits.device)
+    if resolved == "triton" and logits.dtype == torch.float64:
+        raise TypeError("logits must be fp32, bf16 or fp16 on the Triton backend, got torch.float64")
+    params = TokenOpParams(temperature, ignore_index, resolved, bool(inplace_backward))
+    logp, H = TokenLogprobsEntropy.apply(logits, targets, params)
+    return logp, (H if return_entropy else None)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Per-token log-prob only; same kernels and arguments as :func:`token_logprobs_and_entropy`."""
+    return token_logprobs_and_entropy(logits, targets, return_entropy=False, **kwargs)[0]
+
+
+def token_entropy(logits: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Per-token entropy of ``softmax(logits / temperature)``, ``[...]`` fp32; same kernels as
+    :func:`token_logprobs_and_entropy` (accepts its keyword arguments except ``ignore_index``)."""
+    check_float_tensor("logits", logits)
+    if "ignore_index" in kwargs:
+        raise TypeError("token_entropy() takes no ignore_index: every position has an entropy")
+    targets = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+    return token_logprobs_and_entropy(logits, targets, **kwargs)[1]
