@@ -1,14 +1,31 @@
 """entropy-ops: fused per-token log-probs, entropy and policy losses for RL fine-tuning of LLMs.
 
-Public API (see README.md):
+Public API (documented in README.md):
 
-- :func:`token_logprobs_and_entropy`, :func:`token_logprobs`, :func:`token_entropy`: from logits.
+- :func:`token_logprobs_and_entropy`, :func:`token_logprobs`, :func:`token_entropy`: from logits ``[..., V]``.
+- :func:`linear_logprobs_and_entropy`: from hidden states ``[..., D]`` and ``lm_head.weight`` ``[V, D]``;
+  the ``[N, V]`` logits never exist.
+- :func:`policy_loss`, :class:`PolicyLoss`, :class:`PolicyLossConfig`: the clipped policy loss of
+  GRPO / DAPO / Dr.GRPO / GSPO / BNPO on top of either op.
+- :func:`em_inf`, :func:`adaptive_temperature`: entropy minimization at inference time (EM-INF).
+
+Every op takes ``backend="auto" | "triton" | "torch"``: Triton kernels for CUDA tensors,
+a memory-bounded chunked PyTorch path for CPU tensors (``ENTROPY_OPS_BACKEND`` overrides ``auto``).
 """
+from .em_inf import adaptive_temperature, em_inf
+from .linear_ops import linear_logprobs_and_entropy
+from .policy_loss import PolicyLoss, PolicyLossConfig, policy_loss
 from .token_ops import token_entropy, token_logprobs, token_logprobs_and_entropy
 
 __all__ = [
     "token_logprobs_and_entropy",
     "token_logprobs",
     "token_entropy",
+    "linear_logprobs_and_entropy",
+    "policy_loss",
+    "PolicyLoss",
+    "PolicyLossConfig",
+    "em_inf",
+    "adaptive_temperature",
 ]
 __version__ = "0.1.0"

@@ -60,3 +60,23 @@ def check_finite_rows(lse: torch.Tensor, keep: torch.Tensor, name: str) -> None:
             f"{name} row {idx} (flattened) has no finite logit (all -inf, or NaN) while its target is not "
             "ignored; mask that position with ignore_index"
         )
+
+
+def check_softcap(softcap) -> float | None:
+    """``logit_softcap`` must be ``None`` or a finite float > 0; returns it as a float (or ``None``)."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"logit_softcap must be a float or None, got {type(softcap).__name__}")
+    softcap = float(softcap)
+    if not math.isfinite(softcap) or softcap <= 0.0:
+        raise ValueError(f"logit_softcap must be finite and > 0 (or None), got {softcap}")
+    return softcap
+
+
+def check_same_dtype_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """``x`` must share ``ref``'s dtype (``TypeError``) and device (``ValueError``)."""
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {x.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {x.device}")

@@ -5,11 +5,15 @@ Used by the chunked CPU path of every op. Same math, same outputs:
     s = z / tau,  lse = logsumexp(s),  H = lse - sum_i p_i s_i = log S - T / S
     with m = max s, S = sum exp(s - m), T = sum exp(s - m) (s - m)
 
-    dz_i = (g_logp (1[i = y] - p_i) - g_H p_i (log p_i + H)) / tau
+    dz_i = (g_logp (1[i = y] - p_i) - g_H p_i (log p_i + H)) / tau,  log p_i = (s_i - m) - log S
 
-Each function works on one ``[n, V]`` fp32 block and modifies it in place
+The saved per-row statistics are ``(m, log S, H)`` (``lse = m + log S``): keeping
+``m`` and ``log S`` apart lets both passes form ``s - lse`` as ``(s - m) - log S``,
+as accurate as PyTorch's own fp32 ``log_softmax``. Each function works on one ``[n, V]`` fp32 block and modifies it in place
 (the caller owns the block), so the working set is that block and O(n) more.
 """
+from typing import NamedTuple
+
 import torch
 
 # exp(-1e4) is exactly 0 in fp32 (and fp64), so clamping shifted logits at this
@@ -27,8 +31,24 @@ def scaled_block(z: torch.Tensor, inv_tau: float) -> torch.Tensor:
     return s
 
 
-def block_stats_(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lse, H)`` of every row of the scaled block ``s`` ``[n, V]``; destroys ``s``.
+class RowStats(NamedTuple):
+    """Per-row statistics ``[n]``: running max ``m``, ``log S`` and the entropy ``H``."""
+
+    m: torch.Tensor
+    log_S: torch.Tensor
+    H: torch.Tensor
+
+    @property
+    def lse(self) -> torch.Tensor:
+        return self.m + self.log_S
+
+    def logprob(self, s_y: torch.Tensor) -> torch.Tensor:
+        """``s_y - lse`` computed as ``(s_y - m) - log S``: no rounding of a large ``lse`` first."""
+        return (s_y - self.m) - self.log_S
+
+
+def block_stats_(s: torch.Tensor) -> RowStats:
+    """Statistics of every row of the scaled block ``s`` ``[n, V]``; destroys ``s``.
 
     A row made only of ``-inf`` gives ``lse = -inf`` and ``H = 0``.
     """
@@ -37,40 +57,101 @@ def block_stats_(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     d = s.sub_(m_ref).clamp_min_(_NEG_CLAMP)  # d = s - m  (clamped; exp(d) exact)
     e = torch.exp(d)
     S = e.sum(dim=1)
-    T = torch.bmm(e.unsqueeze(1), d.unsqueeze(2)).view(-1)  # sum e * d without a buffer
-    log_S = torch.log(S)
-    lse = m_ref.view(-1) + log_S
+    T = e.mul_(d).sum(dim=1)  # torch's cascaded sum: ~1e-7 relative (a BLAS dot here loses ~3e-5 at V=32k)
+    log_S = torch.log(S)  # -inf for an all -inf row
     H = torch.where(S > 0, log_S - T / S, torch.zeros_like(S))
-    return lse, H
+    return RowStats(m_ref.view(-1), log_S, H)
+
+
+def block_online_stats_(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Partial statistics ``(m, S, T)`` ``[n]`` of the scaled block ``s`` ``[n, v]``; destroys ``s``.
+
+    For a block that holds only some columns of its rows (a vocab chunk, or a
+    vocab-parallel shard): ``m = max s`` (``-inf`` when the block row is all
+    ``-inf``), ``S = sum exp(s - m)``, ``T = sum exp(s - m) (s - m)``. Combine
+    partials with :func:`merge_stats`, finish with :func:`finalize_stats`.
+    """
+    m = s.amax(dim=1)
+    m_ref = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    d = s.sub_(m_ref.unsqueeze(1)).clamp_min_(_NEG_CLAMP)  # d = s - m  (clamped; exp(d) exact)
+    e = torch.exp(d)
+    S = e.sum(dim=1)
+    T = e.mul_(d).sum(dim=1)  # cascaded sum, as in block_stats_
+    return m, S, T
+
+
+def merge_stats(m1, S1, T1, m2, S2, T2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Combine two partial ``(m, S, T)`` (elementwise, same shape) into those of the union of their columns.
+
+    With ``m = max(m1, m2)`` and ``a_k = exp(m_k - m)``: ``S = a_1 S_1 + a_2 S_2``,
+    ``T = a_1 (T_1 + (m_1 - m) S_1) + a_2 (T_2 + (m_2 - m) S_2)``. An empty
+    partial (``m = -inf``, ``S = 0``) contributes nothing; two empty ones give an
+    empty one. Twin of ``merge_stats`` in ``kernels/softmax_stats.py``.
+    """
+    m = torch.maximum(m1, m2)
+    m_ref = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    zero = torch.zeros_like(m)
+    a1, a2 = torch.exp(m1 - m_ref), torch.exp(m2 - m_ref)
+    shift1 = torch.where(S1 == 0, zero, m1 - m_ref)
+    shift2 = torch.where(S2 == 0, zero, m2 - m_ref)
+    S = a1 * S1 + a2 * S2
+    T = a1 * (T1 + shift1 * S1) + a2 * (T2 + shift2 * S2)
+    return m, S, T
+
+
+def finalize_stats(m: torch.Tensor, S: torch.Tensor, T: torch.Tensor) -> RowStats:
+    """:class:`RowStats` from merged ``(m, S, T)``: ``log S`` and ``H = log S - T / S`` (``H = 0`` when ``S = 0``)."""
+    m_ref = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    log_S = torch.log(S)  # -inf for an all -inf row
+    H = torch.where(S > 0, log_S - T / S, torch.zeros_like(S))
+    return RowStats(m_ref, log_S, H)
+
+
+def softcap_(z: torch.Tensor, cap: float, with_grad: bool = False):
+    """``z <- cap * tanh(z / cap)`` in place (logit soft-capping, Gemma 2); returns ``(z, dcap)``.
+
+    ``dcap = 1 - tanh^2(z / cap)`` (a new block: the derivative of the cap) when
+    ``with_grad``, else ``None``. Twin of ``softcap_tanh`` in ``kernels/softmax_stats.py``.
+    """
+    t = z.div_(cap).tanh_()
+    dcap = torch.addcmul(torch.ones((), dtype=t.dtype), t, t, value=-1.0) if with_grad else None
+    return t.mul_(cap), dcap
 
 
 def block_grad_(
     s: torch.Tensor,
     targets: torch.Tensor | None,
-    lse: torch.Tensor,
-    H: torch.Tensor,
+    stats: RowStats,
     g_logp: torch.Tensor | None,
     g_H: torch.Tensor | None,
     inv_tau: float,
+    *,
+    in_block: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``dz`` for the scaled block ``s`` ``[n, V]``, written into ``s`` and returned.
+    """``dz`` for the scaled block ``s`` ``[n, V]``, written into ``s``'s storage and returned.
 
+    ``log p = (s - m) - log S`` from the saved row statistics (never ``s - lse``:
+    rounding a large ``lse`` to fp32 would cost ~``ulp(lse)`` relative in ``p``).
     ``targets`` ``[n]`` (int64, in range) is needed only with ``g_logp``;
     ``g_logp``/``g_H`` ``[n]`` fp32 or ``None`` (treated as zero). Rows that must
-    get no gradient carry zeros in both upstream gradients.
+    get no gradient carry zeros in both upstream gradients. When the block holds
+    only some columns of its rows (a vocab chunk), ``in_block`` ``[n]`` bool marks
+    the rows whose target is among them: only those get the ``+ g_logp`` term
+    (the ``targets`` of the others may be any in-block column).
     """
-    log_p = s.sub_(lse.unsqueeze(1)).clamp_min_(_NEG_CLAMP)
+    log_p = s.sub_(stats.m.unsqueeze(1)).sub_(stats.log_S.unsqueeze(1)).clamp_min_(_NEG_CLAMP)
     p = torch.exp(log_p)
     # dz = -p * (g_logp + g_H (log p + H)), then + g_logp at the target
     if g_H is not None:
-        coef = log_p.add_(H.unsqueeze(1)).mul_(g_H.unsqueeze(1))
+        coef = log_p.add_(stats.H.unsqueeze(1)).mul_(g_H.unsqueeze(1))
         if g_logp is not None:
             coef.add_(g_logp.unsqueeze(1))
         dz = coef.mul_(p).neg_()
     else:
         dz = p.mul_(-g_logp.unsqueeze(1))
     if g_logp is not None:
-        dz.scatter_add_(1, targets.unsqueeze(1), g_logp.unsqueeze(1).to(dz.dtype))
+        g_target = g_logp if in_block is None else torch.where(in_block, g_logp, 0.0)
+        dz.scatter_add_(1, targets.unsqueeze(1), g_target.unsqueeze(1).to(dz.dtype))
     if inv_tau != 1.0:
         dz.mul_(inv_tau)
     return dz

@@ -11,8 +11,8 @@ Equals ``log_softmax(z.float() / tau).gather(-1, y)`` and
 path streams each row once per direction through the Triton kernels of
 ``entropy_ops.kernels.token_logprobs_entropy``; the CPU path streams blocks of
 ``chunk_rows`` rows through the PyTorch twin in ``entropy_ops.softmax_stats``.
-Forward saves only the fp32 ``lse`` and ``H`` per row (plus the logits
-reference); backward recomputes ``p``.
+Forward saves only three fp32 numbers per row, ``(m, log S, H)`` with
+``lse = m + log S`` (plus the logits reference); backward recomputes ``p``.
 
 Module layout: launch functions (usable without autograd), the CPU functions,
 the ``autograd.Function``, then the public functionals.
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from . import softmax_stats
+from .softmax_stats import RowStats
 from ._dispatch import resolve_backend
 from ._layout import as_rows3d
 from ._validation import check_finite_rows, check_float_tensor, check_targets, check_temperature
@@ -47,30 +48,37 @@ class TokenOpParams:
 
 
 # ---------------------------------------------------------------- Triton launches
-def token_forward_triton(logits3d: torch.Tensor, targets: torch.Tensor, params: TokenOpParams):
+def _forward_outputs(n_rows: int, dtype: torch.dtype, device: torch.device, out):
+    if out is not None:  # caller-provided buffers (tests poison them to prove every element is written)
+        return out
+    return tuple(torch.empty(n_rows, dtype=dtype, device=device) for _ in range(4))
+
+
+def token_forward_triton(logits3d: torch.Tensor, targets: torch.Tensor, params: TokenOpParams, out=None):
     """Launch the forward kernel. ``logits3d`` ``[A, B, V]`` (any strides), ``targets`` ``[A*B]`` int64.
 
-    Returns fp32 ``(logp, H, lse)``, each ``[A*B]``.
+    Returns fp32 ``(logp, H, m, log_S)``, each ``[A*B]`` (written into ``out`` when given);
+    ``(m, log_S, H)`` are the row statistics backward needs (``lse = m + log_S``).
     """
     from .kernels.token_logprobs_entropy import _token_logprobs_entropy_fwd, launch_config
 
     A, B, V = logits3d.shape
     n_rows = A * B
-    logp, H, lse = (torch.empty(n_rows, dtype=torch.float32, device=logits3d.device) for _ in range(3))
+    logp, H, m, log_S = _forward_outputs(n_rows, torch.float32, logits3d.device, out)
     if n_rows == 0:
-        return logp, H, lse
+        return logp, H, m, log_S
     block, num_warps = launch_config(V, logits3d.element_size())
     _token_logprobs_entropy_fwd[(n_rows,)](
-        logits3d, targets, logp, H, lse,
+        logits3d, targets, logp, H, m, log_S,
         B, V,
         logits3d.stride(0), logits3d.stride(1), logits3d.stride(2),
         params.inv_tau, params.ignore_index,
         BLOCK=block, num_warps=num_warps,
     )
-    return logp, H, lse
+    return logp, H, m, log_S
 
 
-def token_backward_triton(logits3d, targets, lse, H, g_logp, g_H, params: TokenOpParams, out3d):
+def token_backward_triton(logits3d, targets, stats: RowStats, g_logp, g_H, params: TokenOpParams, out3d):
     """Launch the backward kernel, writing ``dz`` into ``out3d`` (may be ``logits3d`` itself)."""
     from .kernels.token_logprobs_entropy import _token_logprobs_entropy_bwd, launch_config
 
@@ -79,9 +87,9 @@ def token_backward_triton(logits3d, targets, lse, H, g_logp, g_H, params: TokenO
         return out3d
     block, num_warps = launch_config(V, logits3d.element_size())
     _token_logprobs_entropy_bwd[(A * B,)](
-        logits3d, targets, lse, H,
-        g_logp if g_logp is not None else lse,  # placeholder pointer, never read
-        g_H if g_H is not None else lse,
+        logits3d, targets, stats.m, stats.log_S, stats.H,
+        g_logp if g_logp is not None else stats.H,  # placeholder pointer, never read
+        g_H if g_H is not None else stats.H,
         out3d,
         B, V,
         logits3d.stride(0), logits3d.stride(1), logits3d.stride(2),
@@ -103,25 +111,24 @@ def _row_blocks(logits3d: torch.Tensor):
             yield a * B + b0, logits3d[a, b0:b0 + rows]
 
 
-def token_forward_torch(logits3d: torch.Tensor, targets: torch.Tensor, params: TokenOpParams):
+def token_forward_torch(logits3d: torch.Tensor, targets: torch.Tensor, params: TokenOpParams, out=None):
     """CPU forward: same outputs as :func:`token_forward_triton`; extra memory ``O(block)``."""
     A, B, V = logits3d.shape
-    n_rows = A * B
     out_dtype = torch.float64 if logits3d.dtype == torch.float64 else torch.float32
-    logp, H, lse = (torch.zeros(n_rows, dtype=out_dtype, device=logits3d.device) for _ in range(3))
+    logp, H, m, log_S = _forward_outputs(A * B, out_dtype, logits3d.device, out)
     keep = targets != params.ignore_index
     safe_targets = torch.where(keep, targets, 0)
     for start, z in _row_blocks(logits3d):
-        n = z.shape[0]
-        sl = slice(start, start + n)
+        sl = slice(start, start + z.shape[0])
         z_y = z.gather(1, safe_targets[sl].unsqueeze(1)).view(-1).to(out_dtype) * params.inv_tau
-        block_lse, block_H = softmax_stats.block_stats_(softmax_stats.scaled_block(z, params.inv_tau))
-        lse[sl], H[sl], logp[sl] = block_lse, block_H, z_y - block_lse
-    zero = torch.zeros((), dtype=out_dtype)
-    return torch.where(keep, logp, zero), torch.where(keep, H, zero), torch.where(keep, lse, zero)
+        stats = softmax_stats.block_stats_(softmax_stats.scaled_block(z, params.inv_tau))
+        m[sl], log_S[sl], H[sl], logp[sl] = stats.m, stats.log_S, stats.H, stats.logprob(z_y)
+    for t in (logp, H, m, log_S):  # ignored rows: 0 for every output
+        t.masked_fill_(~keep, 0.0)
+    return logp, H, m, log_S
 
 
-def token_backward_torch(logits3d, targets, lse, H, g_logp, g_H, params: TokenOpParams, out3d):
+def token_backward_torch(logits3d, targets, stats: RowStats, g_logp, g_H, params: TokenOpParams, out3d):
     """CPU backward: writes ``dz`` block by block into ``out3d`` (may be ``logits3d`` itself)."""
     keep = targets != params.ignore_index
     safe_targets = torch.where(keep, targets, 0)
@@ -135,7 +142,7 @@ def token_backward_torch(logits3d, targets, lse, H, g_logp, g_H, params: TokenOp
         sl = slice(start, start + n)
         dz = softmax_stats.block_grad_(
             softmax_stats.scaled_block(z, params.inv_tau),
-            safe_targets[sl], lse[sl], H[sl],
+            safe_targets[sl], RowStats(stats.m[sl], stats.log_S[sl], stats.H[sl]),
             None if g_logp is None else g_logp[sl],
             None if g_H is None else g_H[sl],
             params.inv_tau,
@@ -154,21 +161,21 @@ class TokenLogprobsEntropy(torch.autograd.Function):
         logits3d = as_rows3d(logits)
         flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
         forward = token_forward_triton if params.backend == "triton" else token_forward_torch
-        logp, H, lse = forward(logits3d, flat_targets, params)
-        check_finite_rows(lse, flat_targets != params.ignore_index, "logits")
-        ctx.save_for_backward(logits, flat_targets, lse, H)
+        logp, H, m, log_S = forward(logits3d, flat_targets, params)
+        check_finite_rows(m + log_S, flat_targets != params.ignore_index, "logits")
+        ctx.save_for_backward(logits, flat_targets, m, log_S, H)
         ctx.params = params
         lead = logits.shape[:-1]
         return logp.view(lead), H.view(lead)
 
     @staticmethod
     def backward(ctx, grad_logp, grad_H):
-        logits, flat_targets, lse, H = ctx.saved_tensors
+        logits, flat_targets, m, log_S, H = ctx.saved_tensors
         params: TokenOpParams = ctx.params
         if not ctx.needs_input_grad[0] or (grad_logp is None and grad_H is None):
             return None, None, None
-        g_logp = None if grad_logp is None else grad_logp.reshape(-1).to(lse.dtype).contiguous()
-        g_H = None if grad_H is None else grad_H.reshape(-1).to(lse.dtype).contiguous()
+        g_logp = None if grad_logp is None else grad_logp.reshape(-1).to(H.dtype).contiguous()
+        g_H = None if grad_H is None else grad_H.reshape(-1).to(H.dtype).contiguous()
         logits3d = as_rows3d(logits)
         if params.inplace_backward and logits3d.data_ptr() == logits.data_ptr():  # a view, not a copy
             out, out3d = logits, logits3d
@@ -177,7 +184,7 @@ class TokenLogprobsEntropy(torch.autograd.Function):
             out3d = as_rows3d(out)
         backward = token_backward_triton if params.backend == "triton" else token_backward_torch
         with torch.no_grad():
-            backward(logits3d, flat_targets, lse, H, g_logp, g_H, params, out3d)
+            backward(logits3d, flat_targets, RowStats(m, log_S, H), g_logp, g_H, params, out3d)
         return out, None, None
 
 

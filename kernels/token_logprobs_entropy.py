@@ -9,7 +9,7 @@ Forward (one program per row, one streaming pass over the vocab)::
 
 Backward (one program per row, reads the row once, writes ``dz`` once)::
 
-    p_i  = exp(s_i - lse)                 recomputed from the saved fp32 lse
+    p_i  = exp((s_i - m) - log S)         recomputed from the saved fp32 m, log S
     dz_i = (g_logp (1[i = y] - p_i) - g_H p_i (log p_i + H)) / tau
 
 Rows are addressed as ``(outer, inner)`` pairs with two strides, so a
@@ -21,7 +21,7 @@ and get a zero gradient. Accumulation is fp32 whatever the logits' dtype.
 import triton
 import triton.language as tl
 
-from .softmax_stats import finalize_stats, logit_grad, online_stats_update
+from .softmax_stats import finalize_stats, logit_grad, online_stats_update, target_logprob
 
 # Largest block, in bytes of one row slice held per program: 16 KiB, i.e. 4096
 # fp32 or 8192 bf16/fp16 elements, 16 elements per thread at the warps below.
@@ -61,7 +61,8 @@ def _token_logprobs_entropy_fwd(
     targets_ptr,  # [rows] int64
     logp_ptr,  # [rows] fp32 out
     entropy_ptr,  # [rows] fp32 out
-    lse_ptr,  # [rows] fp32 out, saved for backward
+    max_ptr,  # [rows] fp32 out: m, saved for backward
+    log_s_ptr,  # [rows] fp32 out: log S, saved for backward (lse = m + log S)
     # shapes
     n_inner,  # rows are (outer, inner) = divmod(row, n_inner)
     V,
@@ -92,12 +93,13 @@ def _token_logprobs_entropy_fwd(
         valid = cols < n_valid
         z = tl.load(row_ptr + cols.to(tl.int64) * stride_z_v, mask=valid, other=float("-inf"))
         m, S, T = online_stats_update(m, S, T, z.to(tl.float32) * inv_tau, valid)
-    lse, H = finalize_stats(m, S, T)
+    log_S, H = finalize_stats(m, S, T)
 
     z_y = tl.load(row_ptr + tl.where(keep, target, 0) * stride_z_v).to(tl.float32) * inv_tau
-    tl.store(logp_ptr + row, tl.where(keep, z_y - lse, 0.0))
+    tl.store(logp_ptr + row, tl.where(keep, target_logprob(z_y, m, log_S), 0.0))
     tl.store(entropy_ptr + row, tl.where(keep, H, 0.0))
-    tl.store(lse_ptr + row, tl.where(keep, lse, 0.0))
+    tl.store(max_ptr + row, tl.where(keep, m, 0.0))
+    tl.store(log_s_ptr + row, tl.where(keep, log_S, 0.0))
 
 
 @triton.jit
@@ -105,7 +107,8 @@ def _token_logprobs_entropy_bwd(
     # pointers
     logits_ptr,  # [rows, V] (strided), read
     targets_ptr,  # [rows] int64
-    lse_ptr,  # [rows] fp32, from the forward
+    max_ptr,  # [rows] fp32, m from the forward
+    log_s_ptr,  # [rows] fp32, log S from the forward
     entropy_ptr,  # [rows] fp32, from the forward
     grad_logp_ptr,  # [rows] fp32 upstream (unused unless HAS_GRAD_LOGP)
     grad_entropy_ptr,  # [rows] fp32 upstream (unused unless HAS_GRAD_ENTROPY)
@@ -141,7 +144,8 @@ def _token_logprobs_entropy_bwd(
     target = tl.load(targets_ptr + row)
     keep = target != ignore_index
     n_valid = tl.where(keep, V, 0)
-    lse = tl.load(lse_ptr + row)
+    m = tl.load(max_ptr + row)
+    log_S = tl.load(log_s_ptr + row)
     H = tl.load(entropy_ptr + row)
     g_logp = 0.0
     g_H = 0.0
@@ -155,7 +159,7 @@ def _token_logprobs_entropy_bwd(
         in_row = cols < V
         valid = cols < n_valid
         z = tl.load(z_ptr + cols.to(tl.int64) * stride_z_v, mask=valid, other=float("-inf"))
-        dz = logit_grad(z.to(tl.float32) * inv_tau, valid, cols == target, lse, H, g_logp, g_H, inv_tau)
+        dz = logit_grad(z.to(tl.float32) * inv_tau, valid, cols == target, m, log_S, H, g_logp, g_H, inv_tau)
         tl.store(dz_ptr + cols.to(tl.int64) * stride_dz_v, dz.to(dlogits_ptr.dtype.element_ty), mask=in_row)
 
 
@@ -171,15 +175,15 @@ def compile_specs() -> list[dict]:
             for block, warps in launch_configs(elem):
                 fwd_sig = {
                     "logits_ptr": f"*{dt}", "targets_ptr": "*i64", "logp_ptr": "*fp32", "entropy_ptr": "*fp32",
-                    "lse_ptr": "*fp32", "n_inner": "i32", "V": "i32", "stride_z_outer": "i64",
+                    "max_ptr": "*fp32", "log_s_ptr": "*fp32", "n_inner": "i32", "V": "i32", "stride_z_outer": "i64",
                     "stride_z_inner": "i64", "stride_z_v": "i64", "inv_tau": "fp32", "ignore_index": "i64",
                     "BLOCK": "constexpr",
                 }
                 specs.append(dict(kernel=_token_logprobs_entropy_fwd, signature=fwd_sig,
                                   constexprs={"BLOCK": block}, num_warps=warps))
                 bwd_sig = {
-                    "logits_ptr": f"*{dt}", "targets_ptr": "*i64", "lse_ptr": "*fp32", "entropy_ptr": "*fp32",
-                    "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "dlogits_ptr": f"*{dt}",
+                    "logits_ptr": f"*{dt}", "targets_ptr": "*i64", "max_ptr": "*fp32", "log_s_ptr": "*fp32",
+                    "entropy_ptr": "*fp32", "grad_logp_ptr": "*fp32", "grad_entropy_ptr": "*fp32", "dlogits_ptr": f"*{dt}",
                     "n_inner": "i32", "V": "i32",
                     "stride_z_outer": "i64", "stride_z_inner": "i64", "stride_z_v": "i64",
                     "stride_dz_outer": "i64", "stride_dz_inner": "i64", "stride_dz_v": "i64",

@@ -18,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 MODULES = [
     "entropy_ops.kernels.token_logprobs_entropy",
+    "entropy_ops.kernels.linear_logprobs_entropy",
 ]
 ARCHS = (80, 90)
 

@@ -1,0 +1,383 @@
+"""Per-token log-prob and entropy from hidden states and the lm_head, fused: ``linear_logprobs_and_entropy``.
+
+Math (``h [N, D]``, ``W [V, D]``, ``b [V]``, optional soft-cap ``c``, temperature ``tau``, target ``y``)::
+
+    z = h W^T + b,   z <- c tanh(z / c)  (soft-cap),   s = z / tau
+    logp = s_y - logsumexp(s),   H = logsumexp(s) - sum_i p_i s_i
+    dz_i = (g_logp (1[i = y] - p_i) - g_H p_i (log p_i + H)) / tau * (1 - tanh^2(z_raw_i / c))
+    dh = dz W,   dW = dz^T h,   db = sum over tokens of dz
+
+Equals ``token_logprobs_and_entropy(hidden @ weight.T + bias, targets, ...)`` (ALGORITHMS.md
+section 1, "From hidden states") without ever holding the ``[N, V]`` logits or their gradient.
+The CUDA path runs the kernels of ``entropy_ops.kernels.linear_logprobs_entropy`` (tiles in
+registers; fp32 atomics for ``dh``/``dW``/``db``, so its gradients are not bitwise deterministic).
+The CPU path walks ``[n, v]`` blocks of at most ``CPU_BLOCK_ELEMENTS`` fp32 elements: vocab chunks
+outside, token chunks inside, merging per-chunk ``(m, S, T)`` with ``softmax_stats.merge_stats``;
+backward recomputes each block, ``dh += dz W_chunk`` and ``dW_chunk += dz^T h_chunk`` (a fixed
+order: deterministic). Forward saves ``(m, log S, H)`` per row, fp32.
+
+Module layout: launch functions (usable without autograd), the CPU functions, the
+``autograd.Function``, then the public functional.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from . import softmax_stats
+from ._dispatch import resolve_backend, triton_interpreting
+from ._layout import as_rows3d
+from ._validation import (
+    check_finite_rows,
+    check_float_tensor,
+    check_same_dtype_device,
+    check_softcap,
+    check_targets,
+    check_temperature,
+)
+
+# CPU path: every [n, v], [n, D] and [v, D] working block holds at most this many elements
+# (4 MiB in fp32); the same budget as the logits op (token_ops.CPU_BLOCK_ELEMENTS), not tuned
+# separately. At most ~6 such blocks are alive at once (h chunk, logits, exp / p, soft-cap
+# derivative, and for 16-bit weights the fp32 weight chunk and its dW accumulator).
+CPU_BLOCK_ELEMENTS = 1 << 20
+CPU_LIVE_BLOCKS = 6
+# The Triton interpreter has no SMs; pretending it has 4 makes the small test shapes split the
+# vocab, so the split + merge path runs under the interpreter too.
+_INTERPRETER_SMS = 4
+
+
+@dataclass(frozen=True)
+class LinearOpParams:
+    """Non-tensor options of one call, carried through autograd."""
+
+    temperature: float = 1.0
+    ignore_index: int = -100
+    backend: str = "torch"  # already resolved: "triton" or "torch"
+    logit_softcap: float | None = None
+    allow_tf32: bool = False
+
+    @property
+    def inv_tau(self) -> float:
+        return 1.0 / self.temperature
+
+
+# ---------------------------------------------------------------- Triton launches
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _kernel_meta(h3d: torch.Tensor, bias, params: LinearOpParams) -> dict:
+    from .kernels.linear_logprobs_entropy import input_precision
+
+    return dict(
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=params.logit_softcap is not None,
+        INPUT_PRECISION=input_precision(h3d.element_size(), params.allow_tf32),
+        # interpreter only: its tl.dot cannot multiply bf16 (see kernels/linear_logprobs_entropy._dot)
+        DOT_FP32=h3d.dtype == torch.bfloat16 and triton_interpreting(),
+    )
+
+
+def linear_forward_triton(h3d, weight, bias, targets, params: LinearOpParams, *, config=None, num_sms=None):
+    """Launch the split forward and the merge. ``h3d`` ``[A, B, D]`` and ``weight`` ``[V, D]`` with
+    unit stride on ``D``; ``targets`` ``[A*B]`` int64.
+
+    Returns fp32 ``(logp [N], H [N], stats [3, N])``; ``stats`` = ``(m, log S, H)`` of every row
+    (ignored rows included: their logits are the bias); ``logp``/``H`` are 0 on ignored rows.
+    """
+    from .kernels import linear_logprobs_entropy as k
+
+    A, B, D = h3d.shape
+    n_rows, V = A * B, weight.shape[0]
+    dev = h3d.device
+    logp, H = (torch.empty(n_rows, dtype=torch.float32, device=dev) for _ in range(2))
+    stats = torch.empty(3, n_rows, dtype=torch.float32, device=dev)
+    if n_rows == 0:
+        return logp, H, stats
+    cfg = config or k.launch_config(h3d.element_size(), params.allow_tf32)[0]
+    if num_sms is None:
+        num_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else _INTERPRETER_SMS
+    splits = k.vocab_splits(n_rows, V, cfg, num_sms)
+    cols_per_split = _cdiv(_cdiv(V, splits), cfg.block_v) * cfg.block_v  # whole tiles per split
+    splits = _cdiv(V, cols_per_split)  # no empty split
+    part = torch.empty(3, splits, n_rows, dtype=torch.float32, device=dev)
+    s_y = torch.empty(n_rows, dtype=torch.float32, device=dev)
+    k._linear_logprobs_entropy_fwd[(_cdiv(n_rows, cfg.block_n), splits)](
+        h3d, weight, bias if bias is not None else weight, targets, part, s_y,
+        n_rows, B, D, V, cols_per_split,
+        h3d.stride(0), h3d.stride(1), weight.stride(0), part.stride(0), part.stride(1),
+        params.inv_tau, params.logit_softcap or 1.0, params.ignore_index,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, **_kernel_meta(h3d, bias, params),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    k._linear_logprobs_entropy_merge[(_cdiv(n_rows, k.MERGE_BLOCK),)](
+        part, s_y, targets, logp, H, stats,
+        n_rows, splits, part.stride(0), part.stride(1), params.ignore_index,
+        BLOCK=k.MERGE_BLOCK, num_warps=k.MERGE_WARPS,
+    )
+    return logp, H, stats
+
+
+def linear_backward_triton(h3d, weight, bias, targets, stats, g_logp, g_H, params: LinearOpParams, needs,
+                           *, config=None):
+    """Launch the backward; ``needs`` = ``(hidden, weight, bias)`` gradient flags.
+
+    Returns fp32 ``(dh [N, D], dW [V, D], db [V])``, ``None`` where not needed.
+    """
+    from .kernels import linear_logprobs_entropy as k
+
+    A, B, D = h3d.shape
+    n_rows, V = A * B, weight.shape[0]
+    dev = h3d.device
+    need_h, need_w, need_b = needs
+    dh = torch.zeros(n_rows, D, dtype=torch.float32, device=dev) if need_h else None
+    dw = torch.zeros(V, D, dtype=torch.float32, device=dev) if need_w else None
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
+    if n_rows == 0 or not any(needs):
+        return dh, dw, db
+    cfg = config or k.launch_config(h3d.element_size(), params.allow_tf32)[1]
+    zeros = None
+    if g_logp is None or g_H is None:
+        zeros = torch.zeros(n_rows, dtype=torch.float32, device=dev)
+    grid = (_cdiv(n_rows, cfg.block_n) * _cdiv(V, cfg.block_v),)
+    k._linear_logprobs_entropy_bwd[grid](
+        h3d, weight, bias if bias is not None else weight, targets, stats,
+        g_logp if g_logp is not None else zeros, g_H if g_H is not None else zeros,
+        dh if need_h else stats, dw if need_w else stats, db if need_b else stats,  # placeholders never written
+        n_rows, B, D, V,
+        h3d.stride(0), h3d.stride(1), weight.stride(0),
+        params.inv_tau, params.logit_softcap or 1.0, params.ignore_index,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, **_kernel_meta(h3d, bias, params),
+        GRAD_HIDDEN=need_h, GRAD_WEIGHT=need_w, GRAD_BIAS=need_b,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dh, dw, db
+
+
+# ---------------------------------------------------------------- CPU (chunked torch)
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cpu_chunks(n_rows: int, n_cols: int, dim: int, block_elements: int) -> tuple[int, int]:
+    """``(rows, cols)`` per block: ``[rows, cols]``, ``[rows, D]`` and ``[cols, D]`` within the budget where possible."""
+    cols = max(1, min(n_cols, block_elements // max(dim, 256)))
+    rows = max(1, min(n_rows, block_elements // max(cols, dim)))
+    return rows, cols
+
+
+def _logits_block(h, keep, w, b, params: LinearOpParams, with_grad: bool):
+    """``(s, dcap, h_c)`` for one block: ``s = cap(h_c w^T + b) / tau`` in the compute dtype, the soft-cap
+    derivative (``None`` without soft-cap or ``with_grad``), and ``h_c``: ``h`` upcast, ignored rows zeroed."""
+    h_c = torch.where(keep.unsqueeze(1), h, torch.zeros((), dtype=h.dtype)).to(w.dtype)
+    z = torch.addmm(b, h_c, w.t()) if b is not None else torch.mm(h_c, w.t())
+    dcap = None
+    if params.logit_softcap is not None:
+        z, dcap = softmax_stats.softcap_(z, params.logit_softcap, with_grad)
+    if params.inv_tau != 1.0:
+        z.mul_(params.inv_tau)
+    return z, dcap, h_c
+
+
+def _local_targets(targets, keep, v0: int, v1: int):
+    """Targets as columns of the chunk ``[v0, v1)`` (clamped in range) and the rows whose target lies there."""
+    hit = keep & (targets >= v0) & (targets < v1)
+    return (targets - v0).clamp_(0, v1 - v0 - 1), hit
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+def linear_forward_torch(h2d, weight, bias, targets, params: LinearOpParams, *, block_elements=CPU_BLOCK_ELEMENTS):
+    """CPU forward: same outputs as :func:`linear_forward_triton` (fp64 for fp64 inputs); ``h2d`` ``[N, D]``."""
+    n_rows, V = h2d.shape[0], weight.shape[0]
+    cdtype = _compute_dtype(h2d.dtype)
+    keep = targets != params.ignore_index
+    m = torch.full((n_rows,), float("-inf"), dtype=cdtype)
+    S, T, s_y = (torch.zeros(n_rows, dtype=cdtype) for _ in range(3))
+    rows, cols = _cpu_chunks(n_rows, V, h2d.shape[1], block_elements)
+    for v0, v1 in _chunks(V, cols):
+        w = weight[v0:v1].to(cdtype)
+        b = None if bias is None else bias[v0:v1].to(cdtype)
+        for n0, n1 in _chunks(n_rows, rows):
+            s, _, _ = _logits_block(h2d[n0:n1], keep[n0:n1], w, b, params, with_grad=False)
+            local, hit = _local_targets(targets[n0:n1], keep[n0:n1], v0, v1)
+            s_y[n0:n1] += torch.where(hit, s.gather(1, local.unsqueeze(1)).squeeze(1), 0.0)
+            part = softmax_stats.block_online_stats_(s)
+            m[n0:n1], S[n0:n1], T[n0:n1] = softmax_stats.merge_stats(m[n0:n1], S[n0:n1], T[n0:n1], *part)
+    stats = softmax_stats.finalize_stats(m, S, T)
+    logp = stats.logprob(s_y).masked_fill_(~keep, 0.0)
+    H = stats.H.masked_fill(~keep, 0.0)
+    return logp, H, torch.stack((stats.m, stats.log_S, stats.H))
+
+
+def linear_backward_torch(h2d, weight, bias, targets, stats, g_logp, g_H, params: LinearOpParams, needs,
+                          *, block_elements=CPU_BLOCK_ELEMENTS):
+    """CPU backward: ``(dh [N, D], dW [V, D], db [V])`` (``None`` where not needed).
+
+    ``dh`` and ``db`` are in the compute dtype, ``dW`` in the weight's dtype (accumulated per vocab
+    chunk in the compute dtype, then stored).
+    """
+    n_rows, D = h2d.shape
+    V = weight.shape[0]
+    cdtype = _compute_dtype(h2d.dtype)
+    need_h, need_w, need_b = needs
+    keep = targets != params.ignore_index
+    if g_logp is not None:
+        g_logp = torch.where(keep, g_logp.to(cdtype), 0.0)
+    if g_H is not None:
+        g_H = torch.where(keep, g_H.to(cdtype), 0.0)
+    m, log_S, H = stats.to(cdtype)
+    dh = torch.zeros(n_rows, D, dtype=cdtype) if need_h else None
+    dw = torch.zeros(V, D, dtype=weight.dtype) if need_w else None
+    db = torch.zeros(V, dtype=cdtype) if need_b else None
+    rows, cols = _cpu_chunks(n_rows, V, D, block_elements)
+    for v0, v1 in _chunks(V, cols):
+        w = weight[v0:v1].to(cdtype)
+        b = None if bias is None else bias[v0:v1].to(cdtype)
+        dw_acc = None
+        if need_w:
+            dw_acc = dw[v0:v1] if dw.dtype == cdtype else torch.zeros(v1 - v0, D, dtype=cdtype)
+        for n0, n1 in _chunks(n_rows, rows):
+            sl = slice(n0, n1)
+            s, dcap, h_c = _logits_block(h2d[sl], keep[sl], w, b, params, with_grad=True)
+            local, hit = _local_targets(targets[sl], keep[sl], v0, v1)
+            dz = softmax_stats.block_grad_(
+                s, local, softmax_stats.RowStats(m[sl], log_S[sl], H[sl]),
+                None if g_logp is None else g_logp[sl], None if g_H is None else g_H[sl],
+                params.inv_tau, in_block=hit,
+            )
+            if dcap is not None:
+                dz.mul_(dcap)
+            if need_h:
+                dh[sl].addmm_(dz, w)
+            if need_w:
+                dw_acc.addmm_(dz.t(), h_c)
+            if need_b:
+                db[v0:v1] += dz.sum(dim=0)
+        if need_w and dw_acc.data_ptr() != dw[v0:v1].data_ptr():
+            dw[v0:v1].copy_(dw_acc)
+    return dh, dw, db
+
+
+# ---------------------------------------------------------------- autograd
+def _unit_stride_d(x3d: torch.Tensor) -> torch.Tensor:
+    """The kernels read ``D`` with unit stride: copy the (rare) operand whose last dim is strided."""
+    return x3d if x3d.stride(-1) == 1 or x3d.shape[-1] == 1 else x3d.contiguous()
+
+
+class LinearLogprobsEntropy(torch.autograd.Function):
+    """``(hidden [..., D], weight [V, D], bias [V] | None, targets [...]) -> (logp [...], H [...])``, fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, params: LinearOpParams):
+        ctx.set_materialize_grads(False)
+        flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
+        if params.backend == "triton":
+            logp, H, stats = linear_forward_triton(_unit_stride_d(as_rows3d(hidden)), _unit_stride_d(weight),
+                                                   bias, flat_targets, params)
+        else:
+            logp, H, stats = linear_forward_torch(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
+                                                  flat_targets, params)
+        check_finite_rows(stats[0] + stats[1], flat_targets != params.ignore_index, "logits (hidden @ weight.T)")
+        ctx.save_for_backward(hidden, weight, bias, flat_targets, stats)
+        ctx.params = params
+        lead = hidden.shape[:-1]
+        return logp.view(lead), H.view(lead)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_H):
+        hidden, weight, bias, flat_targets, stats = ctx.saved_tensors
+        params: LinearOpParams = ctx.params
+        needs = tuple(bool(x) for x in ctx.needs_input_grad[:3])
+        if not any(needs) or (grad_logp is None and grad_H is None):
+            return None, None, None, None, None
+        g_logp = None if grad_logp is None else grad_logp.reshape(-1).to(torch.float32).contiguous()
+        g_H = None if grad_H is None else grad_H.reshape(-1).to(torch.float32).contiguous()
+        with torch.no_grad():
+            if params.backend == "triton":
+                dh, dw, db = linear_backward_triton(_unit_stride_d(as_rows3d(hidden)), _unit_stride_d(weight), bias,
+                                                    flat_targets, stats, g_logp, g_H, params, needs)
+            else:
+                dh, dw, db = linear_backward_torch(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets,
+                                                   stats, g_logp, g_H, params, needs)
+        dh = None if dh is None else dh.to(hidden.dtype).view(hidden.shape)
+        dw = None if dw is None else dw.to(weight.dtype)
+        db = None if db is None else db.to(bias.dtype)
+        return dh, dw, db, None, None
+
+
+# ---------------------------------------------------------------- public functional
+def linear_logprobs_and_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = True,
+    logit_softcap: float | None = None,
+    allow_tf32: bool = False,
+    backend: str = "auto",
+):
+    """Per-token log-prob of ``targets`` and entropy of ``softmax(cap(hidden @ weight.T + bias) / temperature)``.
+
+    Equals ``token_logprobs_and_entropy(hidden @ weight.T + bias, targets, temperature=...)`` (with the
+    soft-cap applied to the logits first), without materializing the ``[..., V]`` logits in forward or
+    backward.
+
+    Args:
+        hidden: ``[..., D]`` fp32, bf16 or fp16 (fp64 on the CPU path), any strides.
+        weight: ``[V, D]`` (the lm_head layout), same dtype and device as ``hidden``.
+        targets: ``[...]`` integer ids in ``[0, V)``, or ``ignore_index``.
+        bias: optional ``[V]``, same dtype and device.
+        temperature: ``tau > 0``; the op sees ``logits / tau``.
+        ignore_index: positions with this target give 0 for both outputs and no gradient.
+        return_entropy: when False the second output is ``None`` (the kernels are the same).
+        logit_softcap: ``c > 0`` applies ``c * tanh(z / c)`` to the logits before the temperature
+            (Gemma 2), with its gradient ``1 - tanh^2(z / c)``; ``None`` for no cap.
+        allow_tf32: fp32 inputs only, Triton path only. The default multiplies in full IEEE fp32
+            (``tl.dot(..., input_precision="ieee")``, on the FMA units). ``True`` uses TF32 tensor
+            cores: each operand keeps 10 mantissa bits, so a logit carries an error of roughly
+            ``1e-3 * sqrt(sum_k (h_k w_k)^2)`` (about 1e-3 of the logits' spread for random-like
+            data), and ``logp``/``H`` errors of the same absolute size. Estimated by emulating
+            TF32 operand rounding on the CPU, not measured on a GPU (none was available).
+        backend: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU; ``ENTROPY_OPS_BACKEND``
+            overrides), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        ``(logp, entropy)``, fp32 ``[...]`` (fp64 for fp64 inputs on the CPU path).
+        Gradients flow to ``hidden``, ``weight`` and ``bias`` (any subset): the matmuls run in the
+        input dtype with fp32 accumulation, ``dz`` rounded to the input dtype on the Triton path.
+        The Triton backward accumulates with fp32 atomics: not bitwise reproducible run to run.
+
+    Raises ``ValueError`` for a non-ignored row whose logits are not finite (NaN/inf inputs).
+    """
+    check_float_tensor("hidden", hidden)
+    check_float_tensor("weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(
+            f"weight must have shape [V, D] with V >= 1 and D = hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
+        )
+    check_same_dtype_device("weight", weight, "hidden", hidden)
+    n_classes = weight.shape[0]
+    if bias is not None:
+        check_float_tensor("bias", bias)
+        if bias.shape != (n_classes,):
+            raise ValueError(f"bias must have shape [V] = [{n_classes}] (weight.shape[0]), got {tuple(bias.shape)}")
+        check_same_dtype_device("bias", bias, "hidden", hidden)
+    temperature = check_temperature(temperature)
+    logit_softcap = check_softcap(logit_softcap)
+    if not isinstance(allow_tf32, bool):
+        raise TypeError(f"allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
+    check_targets(targets, hidden.shape[:-1], n_classes, ignore_index, hidden.device)
+    resolved = resolve_backend(backend, hidden.device)
+    if resolved == "triton" and hidden.dtype == torch.float64:
+        raise TypeError("hidden must be fp32, bf16 or fp16 on the Triton backend, got torch.float64")
+    params = LinearOpParams(temperature, ignore_index, resolved, logit_softcap, allow_tf32)
+    logp, H = LinearLogprobsEntropy.apply(hidden, weight, bias, targets, params)
+    return logp, (H if return_entropy else None)

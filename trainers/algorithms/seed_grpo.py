@@ -1,0 +1,226 @@
+"""SEED-GRPO: semantic-entropy-modulated group advantages (Chen et al., arXiv 2505.12346).
+
+For each prompt, the ``G`` sampled answers are clustered into meaning classes
+``C_1..C_K`` (two answers share a class when an equivalence function says they
+mean the same); the semantic entropy of the group measures how much the model
+disagrees with itself, and scales the group's advantages down::
+
+    p(C_k)  = sum_{o in C_k} exp(l_o) / sum_{o} exp(l_o)      likelihood-weighted (default)
+            = |C_k| / G                                       count-based (``weighting="count"``)
+    l_o     = mean_t logp_old(o_t)  (length-normalized, default)  or  sum_t logp_old(o_t)
+    SE      = -sum_k p(C_k) log p(C_k),     SE_max = log G
+    A_i     = r_i - mean_g r            (paper: no std division)  or  (r_i - mean_g r) / (std_g r + eps)
+    A_hat_i = A_i * f(alpha * SE / SE_max)
+    f(x)    = 1 - x ("linear", default) | exp(-x) ("exp") | 1 / (1 + x) ("inverse", the public script)
+
+Defaults follow ALGORITHMS.md section 5 (reported, not verifiable against
+official code): ``alpha = 0.02``, ``f = linear``, no std division,
+length-normalized log-probs, likelihood weighting. ``exp(l_o)`` is normalized
+with a softmax over the group (max subtracted), so summed log-probs of long
+answers cannot underflow. Groups need ``G >= 2`` (the group advantages come from
+``entropy_ops.trainers.advantages.grpo_advantages``). The paper trains with
+the Dr.GRPO loss: ``loss_preset = "dr_grpo"``.
+
+Clustering (:func:`cluster_answers`) is greedy and deterministic: each answer
+joins the class of the first earlier class representative it is equivalent
+to, else starts a class; ``None`` (no extractable answer) is always a class of
+its own. The default equivalence for math (:func:`math_equivalence`) is the
+correctness reward's own test (``rewards.answers_match``): equal normalized
+strings, equal decimals, or ``math_verify`` equivalence.
+Any ``(a: str, b: str) -> bool`` works; for free-text answers, a
+bidirectional-entailment test with an NLI model (not shipped) looks like::
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained("microsoft/deberta-large-mnli")
+    nli = AutoModelForSequenceClassification.from_pretrained("microsoft/deberta-large-mnli")
+    entail = nli.config.label2id["ENTAILMENT"]
+
+    def entails(a, b):
+        logits = nli(**tok(a, b, return_tensors="pt")).logits
+        return int(logits.argmax(-1)) == entail
+
+    def nli_equivalent(a, b):           # same meaning = each entails the other
+        return entails(a, b) and entails(b, a)
+
+    SeedGRPO(equivalence=nli_equivalent)
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..advantages import grpo_advantages
+from ..rewards import answers_match
+from ._checks import check_group_size, check_mask, check_number, check_rows, check_tokens
+from .base import Algorithm, RolloutBatch
+
+MODULATIONS = ("linear", "exp", "inverse")
+WEIGHTINGS = ("likelihood", "count")
+Equivalence = Callable[[str, str], bool]
+
+
+def math_equivalence(a: str, b: str) -> bool:
+    """Same final answer: ``entropy_ops.trainers.rewards.answers_match`` (normalized strings, exact
+    decimals, then ``math_verify`` equivalence), the test the correctness reward uses."""
+    return answers_match(b, a)
+
+
+def exact_equivalence(a: str, b: str) -> bool:
+    """Equal after stripping surrounding whitespace."""
+    return a.strip() == b.strip()
+
+
+def cluster_answers(answers: Sequence[str | None], equivalent: Equivalence) -> list[int]:
+    """Class index per answer (``0..K-1`` in order of first appearance); ``None`` is a class of its own."""
+    representatives: list[str | None] = []
+    classes = []
+    for answer in answers:
+        label = None
+        if answer is not None:
+            for k, rep in enumerate(representatives):
+                if rep is not None and equivalent(rep, answer):
+                    label = k
+                    break
+        if label is None:
+            label = len(representatives)
+            representatives.append(answer)
+        classes.append(label)
+    return classes
+
+
+def sequence_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, length_normalized: bool = True):
+    """``sum_t logp m`` per row, divided by ``max(sum_t m, 1)`` when ``length_normalized``;
+    ``[B]`` fp32 (fp64 for fp64 input)."""
+    dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
+    total = torch.where(mask, logprobs.to(dtype), 0.0).sum(dim=1)
+    if length_normalized:
+        total = total / mask.sum(dim=1).clamp_min(1).to(dtype)
+    return total
+
+
+def semantic_entropy(class_ids: torch.Tensor, group_size: int, seq_logprobs: torch.Tensor | None = None):
+    """Semantic entropy per group, ``[n]``.
+
+    ``class_ids`` ``[B]`` int64, the class of each answer within its group (``0..G-1``);
+    ``seq_logprobs`` ``[B]`` the ``l_o`` of each answer for likelihood weighting, or
+    ``None`` for count-based class probabilities.
+    """
+    G = group_size
+    ids = class_ids.view(-1, G)
+    if seq_logprobs is None:
+        weights = torch.full(ids.shape, 1.0 / G, dtype=torch.float64, device=ids.device)
+    else:
+        weights = torch.softmax(seq_logprobs.view(-1, G), dim=1)  # exp(l_o) / sum exp(l), in log space
+    probs = torch.zeros_like(weights).scatter_add_(1, ids, weights)  # p(C_k), K <= G slots per group
+    return -torch.special.xlogy(probs, probs).sum(dim=1)
+
+
+def modulation_factor(se: torch.Tensor, group_size: int, *, alpha: float, modulation: str) -> torch.Tensor:
+    """``f(alpha * SE / log G)`` per group; 1 for ``G = 1``."""
+    if group_size == 1:
+        return torch.ones_like(se)
+    x = alpha * se / math.log(group_size)
+    if modulation == "linear":
+        return 1.0 - x
+    if modulation == "exp":
+        return torch.exp(-x)
+    return 1.0 / (1.0 + x)
+
+
+def _check_options(alpha, modulation, weighting, eps) -> tuple[float, float]:
+    if modulation not in MODULATIONS:
+        raise ValueError(f"modulation must be one of {MODULATIONS}, got {modulation!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    # x = alpha * SE / SE_max lies in [0, alpha]; the linear f must stay >= 0 (never flip an advantage)
+    alpha = check_number("alpha", alpha, low=0.0, high=1.0 if modulation == "linear" else None)
+    eps = check_number("eps", eps, low=0.0, low_open=True)
+    return alpha, eps
+
+
+def seed_grpo_advantages(rewards: torch.Tensor, class_ids: torch.Tensor, logprobs: torch.Tensor,
+                         mask: torch.Tensor, group_size: int, *, alpha: float = 0.02,
+                         modulation: str = "linear", scale_by_std: bool = False,
+                         weighting: str = "likelihood", length_normalized: bool = True,
+                         eps: float = 1e-6) -> torch.Tensor:
+    """SEED-GRPO advantages ``[B]`` fp32; see the module docstring.
+
+    Args:
+        rewards: ``[B]`` scalar rewards.
+        class_ids: ``[B]`` integer class of each answer within its group (:func:`cluster_answers`).
+        logprobs: ``[B, T]`` rollout-policy token log-probs (``batch.old_logprobs``).
+        mask: ``[B, T]`` bool valid completion tokens.
+        group_size: ``G >= 2``.
+        alpha: modulation strength, ``x = alpha * SE / log G``; ``<= 1`` with the linear ``f``.
+        modulation: ``"linear"`` (``1 - x``), ``"exp"`` (``exp(-x)``) or ``"inverse"`` (``1 / (1 + x)``).
+        scale_by_std: divide the centered rewards by the group std (+ eps); the paper does not.
+        weighting: ``"likelihood"`` or ``"count"`` class probabilities.
+        length_normalized: ``l_o`` is the mean (True) or the sum (False) of the token log-probs.
+    """
+    check_mask(mask)
+    n_rows = mask.shape[0]
+    check_rows("rewards", rewards, n_rows)
+    check_tokens("logprobs", logprobs, mask)
+    G = check_group_size(group_size, n_rows)
+    if not isinstance(class_ids, torch.Tensor) or class_ids.dtype != torch.int64 or class_ids.shape != (n_rows,):
+        got = f"{class_ids.dtype} {tuple(class_ids.shape)}" if isinstance(class_ids, torch.Tensor) else type(class_ids)
+        raise TypeError(f"class_ids must be an int64 tensor of shape ({n_rows},), got {got}")
+    if bool(((class_ids < 0) | (class_ids >= G)).any()):
+        raise ValueError(f"class_ids must lie in [0, {G}) (a class index within the group)")
+    alpha, eps = _check_options(alpha, modulation, weighting, eps)
+    seq = sequence_logprobs(logprobs, mask, length_normalized=length_normalized) if weighting == "likelihood" else None
+    se = semantic_entropy(class_ids.to(mask.device), G, seq)
+    factor = modulation_factor(se, G, alpha=alpha, modulation=modulation).to(torch.float32)
+    adv = grpo_advantages(rewards, G, scale=scale_by_std, eps=eps)
+    return (adv.view(-1, G) * factor.unsqueeze(1)).view(-1)
+
+
+class SeedGRPO(Algorithm):
+    """SEED-GRPO: group advantages ``[B]`` scaled by each group's semantic entropy.
+
+    Options: ``alpha`` (0.02), ``modulation`` ("linear" | "exp" | "inverse"), ``scale_by_std``
+    (False), ``weighting`` ("likelihood" | "count"), ``length_normalized`` (True), ``eps`` (1e-6),
+    ``equivalence``: ``"math"`` (default, :func:`math_equivalence`), ``"exact"``, or any
+    callable ``(a: str, b: str) -> bool``. Reads ``batch.answers`` (one per row).
+    """
+
+    name = "seed-grpo"
+    loss_preset = "dr_grpo"
+
+    def __init__(self, *, alpha: float = 0.02, modulation: str = "linear", scale_by_std: bool = False,
+                 weighting: str = "likelihood", length_normalized: bool = True, eps: float = 1e-6,
+                 equivalence: str | Equivalence = "math", **unknown) -> None:
+        super().__init__(**unknown)
+        self.alpha, self.eps = _check_options(alpha, modulation, weighting, eps)
+        self.modulation, self.weighting = modulation, weighting
+        self.scale_by_std, self.length_normalized = bool(scale_by_std), bool(length_normalized)
+        if equivalence == "math":
+            self.equivalence: Equivalence = math_equivalence
+        elif equivalence == "exact":
+            self.equivalence = exact_equivalence
+        elif callable(equivalence):
+            self.equivalence = equivalence
+        else:
+            raise ValueError(f"equivalence must be 'math', 'exact' or a callable (a, b) -> bool, got {equivalence!r}")
+
+    def class_ids(self, answers: Sequence[str | None], group_size: int, device) -> torch.Tensor:
+        """Cluster each group's answers; ``[B]`` int64 class index within the group."""
+        ids = []
+        for start in range(0, len(answers), group_size):
+            ids.extend(cluster_answers(answers[start:start + group_size], self.equivalence))
+        return torch.tensor(ids, dtype=torch.int64, device=device)
+
+    def advantages(self, batch: RolloutBatch) -> torch.Tensor:
+        n_rows = batch.completion_mask.shape[0]
+        if len(batch.answers) != n_rows:
+            raise ValueError(f"batch.answers must hold one extracted answer (or None) per row ({n_rows}), "
+                             f"got {len(batch.answers)}")
+        check_group_size(batch.group_size, n_rows)
+        ids = self.class_ids(batch.answers, batch.group_size, batch.completion_mask.device)
+        return seed_grpo_advantages(
+            batch.rewards, ids, batch.old_logprobs, batch.completion_mask, batch.group_size,
+            alpha=self.alpha, modulation=self.modulation, scale_by_std=self.scale_by_std,
+            weighting=self.weighting, length_normalized=self.length_normalized, eps=self.eps,
+        )

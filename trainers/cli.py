@@ -1,0 +1,101 @@
+"""Command line: ``entropy-ops train [--algo A] [--config FILE] [--key=value ...]``.
+
+Precedence: the dataclass defaults, then the YAML file, then ``--key=value``
+overrides (any ``TrainConfig`` field; ``--loss.eps_high=0.28`` sets one entry of
+a mapping), then the named flags. With no arguments, ``entropy-ops train`` runs
+GRPO on the embedded tiny model and arithmetic task.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import TrainConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="entropy-ops", description="Entropy-aware RL fine-tuning of causal LMs.")
+    sub = parser.add_subparsers(dest="command")
+    train = sub.add_parser(
+        "train", help="train a model with GRPO or another algorithm",
+        description="Train with GRPO-family RL. Any config field can be set with --key=value "
+                    "(see --print-config); values are parsed as YAML.",
+    )
+    train.add_argument("--config", help="YAML file of config fields")
+    train.add_argument("--algo", help="algorithm (grpo, dr-grpo, rloo, ...)")
+    train.add_argument("--model", help="Hugging Face model name or local path (default: the embedded tiny-arith)")
+    train.add_argument("--output-dir", help="run directory (default: runs/<algo>-<date>-<time>)")
+    train.add_argument("--max-steps", type=int, help="training steps")
+    train.add_argument("--seed", type=int, help="random seed")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    return parser
+
+
+def split_overrides(extra: list[str]) -> list[str]:
+    """``["--a=1", "--b", "2"]`` -> ``["a=1", "b=2"]``; anything else is an error."""
+    out, i = [], 0
+    while i < len(extra):
+        item = extra[i]
+        if not item.startswith("--") or len(item) == 2:
+            raise ValueError(f"unexpected argument {item!r}: overrides look like --key=value")
+        if "=" in item:
+            out.append(item[2:])
+            i += 1
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            out.append(f"{item[2:]}={extra[i + 1]}")
+            i += 2
+        else:
+            raise ValueError(f"override {item!r} has no value: use {item}=VALUE")
+    return out
+
+
+def resolve_config(args: argparse.Namespace, extra: list[str]) -> TrainConfig:
+    config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    config.apply_overrides(split_overrides(extra))
+    for key in ("algo", "model", "output_dir", "max_steps", "seed"):
+        if getattr(args, key) is not None:
+            config.set(key, getattr(args, key))
+    if args.resume:
+        config.resume = True
+    return config.validate()
+
+
+def config_yaml(config: TrainConfig) -> str:
+    """The config as YAML, each field preceded by its documentation."""
+    import yaml
+
+    lines = []
+    for key, help_text in TrainConfig.fields_help().items():
+        lines.append(f"# {help_text}")
+        lines.append(yaml.safe_dump({key: getattr(config, key)}, default_flow_style=True, sort_keys=False).strip()
+                     .removeprefix("{").removesuffix("}"))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        config = resolve_config(args, extra)
+    except (ValueError, TypeError) as e:  # config errors: a message, not a traceback
+        parser.exit(2, f"entropy-ops train: error: {e}\n")
+    if args.print_config:
+        sys.stdout.write(config_yaml(config))
+        return 0
+    from transformers.utils import logging as hf_logging
+
+    from .grpo_trainer import Trainer
+
+    hf_logging.disable_progress_bar()  # weight-loading bars would interleave with the training bar
+    summary = Trainer(config).train()
+    first, last = summary["first_eval"], summary["last_eval"]
+    for name, ev in (("before", first), ("after", last)):
+        if ev:
+            shown = {k: round(v, 4) for k, v in ev.items() if k.startswith("eval/") and "correct" in k or k == "step"}
+            print(f"held-out {name}: {shown}")
+    print(f"run directory: {summary['output_dir']}  ({summary['steps']} steps, {summary['wall_s']} s)")
+    return 130 if summary["interrupted"] else 0

@@ -1,0 +1,382 @@
+"""The step loop of the GRPO family: rollout, rewards, advantages, fused policy loss, optimizer.
+
+One training step (:meth:`Trainer.train_step`):
+
+1. draw ``num_prompts`` prompts and sample ``G = group_size`` completions each
+   (transformers ``generate``: temperature, top-p, top-k, ``max_new_tokens``);
+2. score them with the reward functions (weighted sum, each component logged);
+   with ``dynamic_sampling``, drop the groups whose rewards are all equal;
+3. one no-grad pass of the policy: the body's last hidden states at the
+   completion positions and ``lm_head.weight`` go through the fused op
+   ``linear_logprobs_and_entropy`` -> ``old_logprobs`` and the rollout entropy
+   (and the reference model's log-probs when the loss has a KL term);
+4. the algorithm plug-in turns the batch into advantages (``[B]`` or ``[B, T]``);
+5. ``num_iterations`` optimizer passes over the batch, in micro-batches with
+   gradient accumulation, each micro-batch's loss from the fused
+   ``policy_loss(hidden=..., weight=lm_head.weight)``: the ``[N, V]`` logits are
+   never materialized, and prompt positions never reach the vocabulary.
+
+Micro-batch losses are weighted by their share of the batch's valid tokens
+(``token-mean`` aggregation, and an algorithm's own loss, taken to be a token
+mean) or of its responses (the per-response aggregations), so the accumulated
+gradient is that of one pass over the whole batch. (The entropy mask's
+quantile is taken per micro-batch.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from functools import partial
+
+import torch
+
+from .advantages import groups_with_signal
+from .algorithms import Algorithm, RolloutBatch, get_algorithm
+from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .evaluation import evaluate
+from .logging_utils import EVAL_KEYS, MetricsLogger, format_line, peak_memory_mib, plot_metrics, read_metrics
+from .model import (choose_attn_implementation, choose_device, choose_dtype, completion_hidden, lm_head_of,
+                    load_model, load_tokenizer)
+from .rewards import MathCorrectness, build_rewards
+from .rollout import HFGenerateEngine, Rollout, sequence_inputs
+from .tasks import PromptSampler, arithmetic_task, load_jsonl
+
+IGNORE = -100
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """Learning-rate multiplier: linear warm-up over ``warmup`` steps, then constant / cosine / linear to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+
+def load_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """``(train_rows, eval_rows)`` of the configured dataset."""
+    if config.dataset == "arithmetic":
+        train, held_out = arithmetic_task(digits=config.arithmetic_digits, num_eval=config.num_eval_prompts)
+    else:
+        train, held_out = load_jsonl(config.dataset), []
+    if config.eval_dataset is not None:
+        held_out = load_jsonl(config.eval_dataset)[: config.num_eval_prompts]
+    return train, held_out
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig` (validated first) and runs :meth:`train`."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = cfg = config.validate()
+        from entropy_ops.linear_ops import linear_logprobs_and_entropy
+        from entropy_ops.policy_loss import policy_loss
+
+        self._linear_op, self._policy_loss = linear_logprobs_and_entropy, policy_loss
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        self.device = choose_device(cfg.device)
+        self.output_dir = cfg.output_dir or os.path.join("runs", f"{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.algorithm: Algorithm = get_algorithm(cfg.algo, **cfg.algo_options)
+        self.custom_loss = type(self.algorithm).loss is not Algorithm.loss
+        self.reward_fn = build_rewards(cfg.rewards, answer_format=cfg.answer_format, max_new_tokens=cfg.max_new_tokens)
+        self.correctness = MathCorrectness(cfg.answer_format)
+        self.train_rows, self.eval_rows = load_rows(cfg)
+
+        resume_from = latest_checkpoint(self.output_dir) if cfg.resume else None
+        if cfg.resume and resume_from is None:
+            print(f"resume: no checkpoint in {self.output_dir}, starting from step 0", file=sys.stderr)
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        dtype = choose_dtype(cfg.dtype, self.device)
+        attn = choose_attn_implementation(cfg.attn_implementation, self.device)
+        self.model = load_model(resume_from or cfg.model, device=self.device, dtype=dtype, attn_implementation=attn)
+        self.tokenizer = load_tokenizer(resume_from or cfg.model)
+        self.head = lm_head_of(self.model)
+        loss_config = cfg.loss_config(self.algorithm.loss_preset)
+        self.loss_config = dataclasses.replace(loss_config, temperature=self.head.op_temperature(cfg.temperature))
+        self.ref_model = None
+        if self.loss_config.beta > 0:
+            self.ref_model = load_model(cfg.ref_model or cfg.model, device=self.device, dtype=dtype,
+                                        attn_implementation=attn).requires_grad_(False)
+        self.engine = HFGenerateEngine(self.model, self.tokenizer)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                           betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
+            lr_factor, warmup=cfg.warmup_steps, total=cfg.max_steps, schedule=cfg.lr_schedule))
+        self.sampler = PromptSampler(self.train_rows, cfg.seed)
+        self.step = 0
+        if resume_from is not None:
+            state = load_state(resume_from)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.sampler.load_state_dict(state["sampler"])
+            set_rng_state(state["rng"])
+            self.step = int(state["step"])
+        self.resumed_from = resume_from
+        os.makedirs(self.output_dir, exist_ok=True)
+        log_path = os.path.join(self.output_dir, "metrics.jsonl")
+        if resume_from is not None and os.path.isfile(log_path):  # forget steps logged after the checkpoint
+            kept = [r for r in read_metrics(log_path) if r["step"] <= self.step]
+            with open(log_path, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+        self.logger = MetricsLogger(log_path, append=resume_from is not None)
+        _write_yaml(os.path.join(self.output_dir, "config.yaml"), cfg.to_dict())
+
+    # ------------------------------------------------------------------ scoring
+    def fused_logprobs(self, model, head, rollout: Rollout, *, with_grad: bool, rows: slice, entropy: bool = True):
+        """Per-token ``(logp, H)`` ``[b, T]`` of ``rollout[rows]`` from hidden states and the lm-head weight."""
+        ids, attn, pos = sequence_inputs(rollout.prompt_ids[rows], rollout.prompt_mask[rows],
+                                         rollout.completion_ids[rows], rollout.completion_mask[rows])
+        with torch.set_grad_enabled(with_grad):
+            hidden = completion_hidden(model, ids, attn, pos, rollout.prompt_ids.shape[1])
+            targets = rollout.completion_ids[rows].masked_fill(~rollout.completion_mask[rows], IGNORE)
+            return self._linear_op(hidden, head.weight, targets, bias=head.bias,
+                                   temperature=head.op_temperature(self.config.temperature), ignore_index=IGNORE,
+                                   return_entropy=entropy, logit_softcap=head.logit_softcap, backend=self.config.backend)
+
+    @torch.no_grad()
+    def score(self, model, rollout: Rollout, *, entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """No-grad ``(logp, H)`` ``[B, T]`` fp32 of the whole rollout, zero where the mask is False."""
+        head = self.head if model is self.model else lm_head_of(model)
+        mask = rollout.completion_mask
+        logps, ents = [], []
+        for rows in self._micro_batches(len(rollout.completions)):
+            logp, H = self.fused_logprobs(model, head, rollout, with_grad=False, rows=rows, entropy=entropy)
+            logps.append(logp.float() * mask[rows])
+            if entropy:
+                ents.append(H.float() * mask[rows])
+        return torch.cat(logps), (torch.cat(ents) if entropy else None)
+
+    def _micro_batches(self, n: int) -> list[slice]:
+        m = self.config.micro_batch_size
+        return [slice(i, min(i + m, n)) for i in range(0, n, m)]
+
+    # ------------------------------------------------------------------- a step
+    def rollout_batch(self, rows: list[dict]) -> tuple[Rollout, RolloutBatch, dict]:
+        """Sample, reward, (dynamic sampling), score. Returns the rollout, the algorithm's batch, metrics."""
+        cfg, G = self.config, self.config.group_size
+        t0 = time.perf_counter()
+        rollout = self.engine.generate([r["prompt"] for r in rows], num_samples=G, max_new_tokens=cfg.max_new_tokens,
+                                       temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+        t_gen = time.perf_counter() - t0
+        fields = {k: [r.get(k) for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+        lengths = rollout.completion_lengths
+        total, components = self.reward_fn(rollout.prompts, rollout.completions,
+                                           completion_lengths=lengths.tolist(), **fields)
+        rewards = torch.tensor(total, dtype=torch.float32)
+        metrics = {"reward/mean": rewards.mean(), "reward/std": rewards.std(), "time/generate_s": t_gen,
+                   "completion_length/mean": lengths.float().mean(), "completion_length/max": lengths.max(),
+                   "completion_length/truncated_frac": rollout.truncated.float().mean(),
+                   "throughput/gen_tokens_per_s": lengths.sum().item() / max(t_gen, 1e-9)}
+        for name, values in components.items():
+            v = torch.tensor(values)
+            metrics[f"reward/{name}/mean"], metrics[f"reward/{name}/std"] = v.mean(), v.std()
+        if cfg.dynamic_sampling:
+            keep = groups_with_signal(rewards, G).repeat_interleave(G).nonzero().squeeze(1)
+            metrics["dynamic_sampling/kept_frac"] = len(keep) / len(rewards)
+            rollout, rewards = rollout.select(keep), rewards[keep]
+            components = {k: [v[i] for i in keep.tolist()] for k, v in components.items()}
+            fields = {k: [v[i] for i in keep.tolist()] for k, v in fields.items()}
+        if "correctness" in components:
+            correct = torch.tensor(components["correctness"]) > 0
+        elif "answer" in fields:
+            correct = torch.tensor(self.correctness(rollout.prompts, rollout.completions, answer=fields["answer"])) > 0
+        else:
+            correct = torch.zeros(len(rewards), dtype=torch.bool)
+        if len(rewards) == 0:
+            return rollout, None, metrics
+        old_logp, old_H = self.score(self.model, rollout)
+        batch = RolloutBatch(
+            prompts=rollout.prompts, completions=rollout.completions, group_size=G, rewards=rewards.to(self.device),
+            correct=correct.to(self.device), completion_mask=rollout.completion_mask,
+            old_logprobs=old_logp, old_entropy=old_H,
+            answers=[self.correctness.extract(c) for c in rollout.completions],
+            reward_components={k: torch.tensor(v, device=self.device) for k, v in components.items()},
+            extras=fields,
+        )
+        valid = rollout.completion_mask
+        metrics["entropy"] = (old_H.sum() / valid.sum().clamp_min(1)).item()
+        metrics["correct_frac"] = correct.float().mean()
+        return rollout, batch, metrics
+
+    def train_step(self) -> dict:
+        """One step: rollout batch, advantages, ``num_iterations`` optimizer passes. Returns the step's metrics."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        rows = self.sampler.sample(cfg.num_prompts)
+        rollout, batch, metrics = self.rollout_batch(rows)
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        if batch is None:  # dynamic sampling dropped every group: nothing to learn from
+            metrics["skipped"] = 1.0
+            self.scheduler.step()
+            return metrics
+        ref_logp = self.score(self.ref_model, rollout, entropy=False)[0] if self.ref_model is not None else None
+        adv = self.algorithm.advantages(batch)
+        B, T = batch.completion_mask.shape
+        if tuple(adv.shape) not in ((B,), (B, T)):
+            raise ValueError(f"algorithm {self.algorithm.name!r} returned advantages of shape {tuple(adv.shape)}, "
+                             f"expected ({B},) or ({B}, {T})")
+        adv = adv.float().to(self.device)
+        metrics.update({"advantage/mean": adv.mean(), "advantage/std": adv.std(), "advantage/min": adv.min(),
+                        "advantage/max": adv.max()})
+        t1 = time.perf_counter()
+        metrics.update(self.update(rollout, batch, adv, ref_logp))
+        self.scheduler.step()
+        now = time.perf_counter()
+        n_tokens = int(rollout.prompt_mask.sum() + rollout.completion_mask.sum())
+        metrics.update({"time/update_s": now - t1, "time/step_s": now - t0,
+                        "throughput/tokens_per_s": n_tokens / (now - t0), **peak_memory_mib(self.device)})
+        return metrics
+
+    def update(self, rollout: Rollout, batch: RolloutBatch, adv, ref_logp) -> dict:
+        """``num_iterations`` optimizer steps over the batch, with gradient accumulation over micro-batches."""
+        cfg, mask = self.config, batch.completion_mask
+        targets = rollout.completion_ids.masked_fill(~mask, IGNORE)
+        per_token = self.custom_loss or self.loss_config.aggregation == "token-mean"
+        sizes = mask.sum(1) if per_token else (mask.sum(1) > 0).long()
+        total = sizes.sum().clamp_min(1)
+        sums: dict[str, float] = {}
+        extremes: dict[str, float] = {}
+        grad_norms = []
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for _ in range(cfg.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            for rows in self._micro_batches(len(batch.completions)):
+                weight = (sizes[rows].sum() / total).item()
+                if weight == 0:
+                    continue
+                loss, parts = self._micro_batch_loss(rollout, rows, targets, adv, batch, ref_logp)
+                (loss * weight).backward()
+                parts = {"loss": loss.detach(), **parts}
+                for k, v in parts.items():
+                    v = float(v)
+                    if k.endswith(("_max", "_min")):
+                        pick = max if k.endswith("_max") else min
+                        extremes[k] = pick(extremes.get(k, v), v)
+                    else:
+                        sums[k] = sums.get(k, 0.0) + weight * v / cfg.num_iterations
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            grad_norms.append(float(norm))
+            self.optimizer.step()
+        return {**{f"loss/{k}": v for k, v in {**sums, **extremes}.items()}, "grad_norm": sum(grad_norms) / len(grad_norms)}
+
+    def _micro_batch_loss(self, rollout, rows, targets, adv, batch, ref_logp):
+        ref = None if ref_logp is None else ref_logp[rows]
+        if self.custom_loss:  # e.g. EM-FT: the algorithm's own loss on (logp, H) from the fused op
+            logp, H = self.fused_logprobs(self.model, self.head, rollout, with_grad=True, rows=rows)
+            return self.algorithm.loss(logp, H, batch.completion_mask[rows], ref)
+        ids, attn, pos = sequence_inputs(rollout.prompt_ids[rows], rollout.prompt_mask[rows],
+                                         rollout.completion_ids[rows], rollout.completion_mask[rows])
+        hidden = completion_hidden(self.model, ids, attn, pos, rollout.prompt_ids.shape[1])
+        return self._policy_loss(
+            targets=targets[rows], mask=batch.completion_mask[rows], advantages=adv[rows], hidden=hidden,
+            weight=self.head.weight, bias=self.head.bias, old_logprobs=batch.old_logprobs[rows], ref_logprobs=ref,
+            config=self.loss_config, ignore_index=IGNORE, logit_softcap=self.head.logit_softcap,
+            backend=self.config.backend,
+        )
+
+    # ----------------------------------------------------------------- the run
+    def evaluate(self) -> dict:
+        return evaluate(self, self.eval_rows)
+
+    def save(self) -> str:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "sampler": self.sampler.state_dict(), "rng": rng_state()}
+        return save_checkpoint(self.output_dir, self.step, model=self.model, tokenizer=self.tokenizer, state=state,
+                               keep=self.config.keep_checkpoints)
+
+    def train(self) -> dict:
+        """Run to ``max_steps`` (evaluating, logging, saving); Ctrl-C saves a checkpoint, then stops.
+
+        Returns a summary: first and last evaluation, steps, wall time, output paths, ``interrupted``.
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        t0 = time.perf_counter()
+        evals: list[dict] = []
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{cfg.algo}", dynamic_ncols=True)
+        last_saved = last_eval = None
+        with _GracefulStop() as stop:
+            try:
+                if self.step == 0 and self.eval_rows:
+                    evals.append(self._log_eval(bar))
+                    last_eval = self.step
+                while self.step < cfg.max_steps and not stop.requested:
+                    metrics = self.train_step()
+                    self.step += 1
+                    self.logger.log(self.step, "train", metrics)
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{float(metrics['reward/mean']):.3f}",
+                                    H=f"{metrics.get('entropy', float('nan')):.3f}")
+                    if self.step % cfg.log_every == 0:
+                        bar.write(format_line(self.step, metrics))
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.eval_rows:
+                        evals.append(self._log_eval(bar))
+                        last_eval = self.step
+                    if cfg.save_every and self.step % cfg.save_every == 0:
+                        self.save()
+                        last_saved = self.step
+                if not stop.requested and self.eval_rows and last_eval != self.step:
+                    evals.append(self._log_eval(bar))
+                if last_saved != self.step:
+                    path = self.save()
+                    bar.write(f"saved {path}")
+            finally:
+                bar.close()
+                self.logger.close()
+        summary = {"output_dir": self.output_dir, "steps": self.step, "wall_s": round(time.perf_counter() - t0, 1),
+                   "interrupted": stop.requested, "first_eval": evals[0] if evals else None,
+                   "last_eval": evals[-1] if evals else None}
+        if cfg.plot:
+            summary["plot"] = plot_metrics(self.logger.path, os.path.join(self.output_dir, "metrics.png"))
+        with open(os.path.join(self.output_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+        return summary
+
+    def _log_eval(self, bar) -> dict:
+        metrics = self.evaluate()
+        self.logger.log(self.step, "eval", metrics)
+        bar.write(format_line(self.step, metrics, EVAL_KEYS) + "  (held-out)")
+        return {"step": self.step, **{k: float(v) for k, v in metrics.items()}}
+
+
+class _GracefulStop:
+    """While active, the first Ctrl-C (SIGINT) sets ``requested``; the second aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again aborts without saving)",
+              file=sys.stderr)
+
+    def __enter__(self) -> "_GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _write_yaml(path: str, values: dict) -> None:
+    import yaml
+
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(values, f, sort_keys=False)
