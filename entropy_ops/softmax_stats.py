@@ -141,17 +141,15 @@ def block_grad_(
     """
     log_p = s.sub_(stats.m.unsqueeze(1)).sub_(stats.log_S.unsqueeze(1)).clamp_min_(_NEG_CLAMP)
     p = torch.exp(log_p)
-    # dz = -p * (g_logp + g_H (log p + H)), then + g_logp at the target
+    # dz = -inv_tau * p * (g_logp + g_H (log p + H)), then + inv_tau * g_logp at the target.
+    # The per-row scalars are folded first so the block sees two passes: one addcmul, one mul.
+    zero = torch.zeros_like(stats.H)
+    c = (zero if g_logp is None else g_logp) + (zero if g_H is None else g_H * stats.H)
     if g_H is not None:
-        coef = log_p.add_(stats.H.unsqueeze(1)).mul_(g_H.unsqueeze(1))
-        if g_logp is not None:
-            coef.add_(g_logp.unsqueeze(1))
-        dz = coef.mul_(p).neg_()
+        coef = torch.addcmul((-inv_tau * c).unsqueeze(1), (-inv_tau * g_H).unsqueeze(1), log_p, out=log_p)
+        dz = coef.mul_(p)
     else:
-        dz = p.mul_(-g_logp.unsqueeze(1))
+        dz = p.mul_((-inv_tau * c).unsqueeze(1))
     if g_logp is not None:
-        g_target = g_logp if in_block is None else torch.where(in_block, g_logp, 0.0)
-        dz.scatter_add_(1, targets.unsqueeze(1), g_target.unsqueeze(1).to(dz.dtype))
-    if inv_tau != 1.0:
-        dz.mul_(inv_tau)
+        dz.scatter_add_(1, targets.unsqueeze(1), (inv_tau * g_logp).unsqueeze(1).to(dz.dtype))
     return dz
