@@ -36,9 +36,11 @@ from ._validation import (
 )
 
 # CPU path: every [n, v], [n, D] and [v, D] working block holds at most this many elements
-# (4 MiB in fp32); the same budget as the logits op (token_ops.CPU_BLOCK_ELEMENTS), not tuned
-# separately. At most ~6 such blocks are alive at once (h chunk, logits, exp / p, soft-cap
-# derivative, and for 16-bit weights the fp32 weight chunk and its dW accumulator).
+# (4 MiB in fp32). Chosen on this project's 2-core dev machine at N=2048, D=256, V=32000, fp32,
+# fwd+bwd (launch functions), one thread, CPU time, median of 3: 2^18 2.20 s, 2^19 2.05 s,
+# 2^20 2.03 s, 2^21 2.08 s (naive PyTorch, one run: 2.87 s). At most ~6 such blocks are alive at
+# once (h chunk, logits, exp / p, soft-cap derivative, and for 16-bit weights the fp32 weight
+# chunk and its dW accumulator); tests/test_linear_memory.py measures the peak.
 CPU_BLOCK_ELEMENTS = 1 << 20
 CPU_LIVE_BLOCKS = 6
 # The Triton interpreter has no SMs; pretending it has 4 makes the small test shapes split the
@@ -339,12 +341,14 @@ def linear_logprobs_and_entropy(
         return_entropy: when False the second output is ``None`` (the kernels are the same).
         logit_softcap: ``c > 0`` applies ``c * tanh(z / c)`` to the logits before the temperature
             (Gemma 2), with its gradient ``1 - tanh^2(z / c)``; ``None`` for no cap.
-        allow_tf32: fp32 inputs only, Triton path only. The default multiplies in full IEEE fp32
-            (``tl.dot(..., input_precision="ieee")``, on the FMA units). ``True`` uses TF32 tensor
-            cores: each operand keeps 10 mantissa bits, so a logit carries an error of roughly
-            ``1e-3 * sqrt(sum_k (h_k w_k)^2)`` (about 1e-3 of the logits' spread for random-like
-            data), and ``logp``/``H`` errors of the same absolute size. Estimated by emulating
-            TF32 operand rounding on the CPU, not measured on a GPU (none was available).
+        allow_tf32: fp32 inputs only, Triton path only (the CPU path is always fp32). The default
+            multiplies in full IEEE fp32 (``tl.dot(..., input_precision="ieee")``, FMA units, several
+            times slower than tensor cores). ``True`` uses TF32 tensor cores: each operand keeps 10
+            of its 23 mantissa bits, so a logit is off by about ``8e-4`` (rms; ``4e-3`` worst) times
+            ``sqrt(sum_k (h_k w_k)^2)`` when the operands are truncated, 3x less when rounded; for
+            random data with logits of spread 3 (D = 4096, V = 32000) that is up to ``1e-2`` absolute
+            in ``logp`` and ``H``, and ``4e-2`` in ``logp`` at spread 10 (D = 1024). These numbers
+            come from emulating TF32 operands on the CPU, not from a GPU (none was available).
         backend: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU; ``ENTROPY_OPS_BACKEND``
             overrides), ``"triton"`` or ``"torch"``.
 

@@ -151,5 +151,6 @@ def block_grad_(
     else:
         dz = p.mul_((-inv_tau * c).unsqueeze(1))
     if g_logp is not None:
-        dz.scatter_add_(1, targets.unsqueeze(1), (inv_tau * g_logp).unsqueeze(1).to(dz.dtype))
+        g_target = g_logp if in_block is None else torch.where(in_block, g_logp, 0.0)  # vocab chunks
+        dz.scatter_add_(1, targets.unsqueeze(1), (inv_tau * g_target).unsqueeze(1).to(dz.dtype))
     return dz

@@ -34,13 +34,19 @@ Atomics are needed because a ``dh`` row gets one contribution per vocab tile and
 a ``dW`` row one per token block, and neither ``[BLOCK_N, D]`` nor
 ``[BLOCK_V, D]`` fits in one program's registers. The order of the fp32 atomic
 adds depends on scheduling, so the gradients are **not bitwise deterministic**
-run to run (differences at fp32 rounding level, about 1e-7 relative); the
-forward is deterministic. ``GRAD_HIDDEN`` / ``GRAD_WEIGHT`` / ``GRAD_BIAS`` are
-constexpr: work for an input that needs no gradient is not compiled in.
+run to run (they differ by the rounding of fp32 sums taken in another order);
+the forward is deterministic (the merge walks the splits in order). The fp32
+accumulators are the whole extra memory of the backward: ``[N, D]`` and
+``[V, D]`` (for 16-bit inputs the latter is a copy-sized extra ``4 V D`` bytes,
+cast to the weight's dtype at the end). ``GRAD_HIDDEN`` / ``GRAD_WEIGHT`` /
+``GRAD_BIAS`` are constexpr: work for an input that needs no gradient is not
+compiled in.
 
 Rows are ``(outer, inner)`` pairs with two strides (``entropy_ops._layout``), so
-``hidden[:, :-1]`` is read in place. Row offsets are int64. Ignored rows load
-``h = 0`` (their logits are the bias), give 0 outputs and zero gradients.
+``hidden[:, :-1]`` is read in place; ``D`` must have unit stride in ``h`` and
+``W`` (the launcher copies the rare operand that does not). Row offsets are
+int64. Ignored rows load ``h = 0`` (their logits are the bias), give 0 outputs
+and zero gradients.
 """
 from typing import NamedTuple
 
@@ -69,7 +75,7 @@ _CONFIGS = {
     # (element_size, allow_tf32) -> (forward, backward)
     (2, False): (LinearConfig(128, 64, 32, 8, 3), LinearConfig(64, 128, 32, 8, 2)),
     (4, True): (LinearConfig(128, 64, 16, 8, 3), LinearConfig(64, 64, 32, 8, 2)),
-    # IEEE fp32 runs on the FMA units (no tensor cores): BLOCK_D 16 keeps the unrolled operands in registers.
+    # IEEE fp32 runs on the FMA units (no tensor cores); 64 x 64 x 32 at 4 warps spilled.
     (4, False): (LinearConfig(64, 64, 16, 8, 2), LinearConfig(64, 64, 16, 8, 2)),
 }
 MERGE_BLOCK = 256  # rows per merge program: a few loads and exps per row, any size works

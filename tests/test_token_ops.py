@@ -1,4 +1,6 @@
 """The logits op against the float64 oracle, on both paths (Triton under the interpreter, chunked CPU)."""
+import zlib
+
 import pytest
 import torch
 
@@ -73,7 +75,7 @@ def oracle_cases():
 
 @pytest.mark.parametrize("backend,dtype,temperature,n,v", list(oracle_cases()))
 def test_matches_float64_oracle(backend, dtype, temperature, n, v):
-    seed = hash((backend, str(dtype), temperature, n, v)) % 10_000
+    seed = zlib.crc32(repr((backend, str(dtype), temperature, n, v)).encode()) % 10_000  # stable across runs
     logits, targets = make_inputs(n, v, dtype, seed)
     check_against_oracle(logits, targets, backend, temperature, seed)
 
