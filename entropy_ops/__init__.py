@@ -14,7 +14,7 @@ a memory-bounded chunked PyTorch path for CPU tensors (``ENTROPY_OPS_BACKEND`` o
 """
 from .em_inf import adaptive_temperature, em_inf
 from .linear_ops import linear_logprobs_and_entropy
-from .policy_loss import PolicyLoss, PolicyLossConfig, policy_loss
+from .policy_loss import PolicyLoss, PolicyLossConfig, policy_loss, policy_loss_from_logprobs
 from .token_ops import token_entropy, token_logprobs, token_logprobs_and_entropy
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "token_entropy",
     "linear_logprobs_and_entropy",
     "policy_loss",
+    "policy_loss_from_logprobs",
     "PolicyLoss",
     "PolicyLossConfig",
     "em_inf",

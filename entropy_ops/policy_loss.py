@@ -193,7 +193,13 @@ def _check_inputs(targets, mask, advantages, logits, hidden, weight, bias, old_l
         raise TypeError(f"targets must have an integer dtype, got {targets.dtype}")
     if targets.numel() == 0:
         raise ValueError(f"targets must be a non-empty [B, T] tensor, got shape {tuple(targets.shape)}")
-    shape, device = targets.shape, targets.device
+    mask = _check_token_inputs(targets.shape, targets.device, mask, advantages, old_logprobs, ref_logprobs, cfg)
+    _check_input_path(targets.shape, logits, hidden, weight, bias)
+    return mask
+
+
+def _check_token_inputs(shape, device, mask, advantages, old_logprobs, ref_logprobs, cfg):
+    """The per-token tensors (mask, advantages, old / ref log-probs) against ``shape``; returns a bool mask."""
     if not isinstance(mask, torch.Tensor) or mask.shape != shape:
         got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"mask must be a tensor of the targets' shape {tuple(shape)}, got {got}")
@@ -215,6 +221,16 @@ def _check_inputs(targets, mask, advantages, logits, hidden, weight, bias, old_l
                                  f"got {tuple(x.shape)} on {x.device}")
     if cfg.beta > 0 and ref_logprobs is None:
         raise ValueError(f"ref_logprobs is required when beta > 0 (beta={cfg.beta})")
+    # The one check that needs the advantages' values: a host sync, only on this tensor.
+    bad = ~torch.isfinite(advantages) & (mask if advantages.dim() == 2 else mask.any(-1))
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"advantages must be finite on valid tokens; found {advantages[idx].item()} at index {idx}")
+    return mask
+
+
+def _check_input_path(shape, logits, hidden, weight, bias):
+    """Exactly one of: logits ``[B, T, V]``, or hidden ``[B, T, D]`` with weight (+ bias)."""
     if logits is not None:
         if hidden is not None or weight is not None or bias is not None:
             raise ValueError("pass either logits or hidden + weight (+ bias), not both")
@@ -231,12 +247,6 @@ def _check_inputs(targets, mask, advantages, logits, hidden, weight, bias, old_l
         if bias is not None:
             raise ValueError("bias given without hidden and weight")
         raise ValueError("pass logits [B, T, V], or hidden [B, T, D] with weight [V, D]")
-    # The one check that needs the advantages' values: a host sync, only on this tensor.
-    bad = ~torch.isfinite(advantages) & (mask if advantages.dim() == 2 else mask.any(-1))
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"advantages must be finite on valid tokens; found {advantages[idx].item()} at index {idx}")
-    return mask
 
 
 # ---------------------------------------------------------------- the pieces (O(tokens))
@@ -383,6 +393,28 @@ def policy_loss(*, targets, mask, advantages, logits=None, hidden=None, weight=N
                                       logit_softcap, backend)
     return _loss_from_token_stats(logp.view(targets.shape), H.view(targets.shape), valid, advantages,
                                   old_logprobs, ref_logprobs, cfg)
+
+
+def policy_loss_from_logprobs(logp, entropy, *, mask, advantages, old_logprobs=None, ref_logprobs=None,
+                              config: PolicyLossConfig | str = "grpo"):
+    """The same loss and metrics as :func:`policy_loss` from per-token ``logp`` and ``entropy`` ``[B, T]``.
+
+    For callers that already ran a fused op (an integration that owns the model forward): the
+    gradient flows into whatever produced ``logp`` / ``entropy``. Values at masked positions are
+    ignored (they must be finite: use 0). ``config.temperature`` is not applied here.
+    """
+    cfg = _resolve_config(config)
+    for name, x in (("logp", logp), ("entropy", entropy)):
+        check_float_tensor(name, x)
+        if x.dim() != 2 or x.numel() == 0:
+            raise ValueError(f"{name} must be a non-empty [B, T] tensor, got shape {tuple(x.shape)}")
+    if entropy.shape != logp.shape or entropy.device != logp.device:
+        raise ValueError(f"entropy must have logp's shape {tuple(logp.shape)} on {logp.device}, "
+                         f"got {tuple(entropy.shape)} on {entropy.device}")
+    valid = _check_token_inputs(logp.shape, logp.device, mask, advantages, old_logprobs, ref_logprobs, cfg)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    return _loss_from_token_stats(torch.where(valid, logp, zero), torch.where(valid, entropy, zero), valid,
+                                  advantages, old_logprobs, ref_logprobs, cfg)
 
 
 class PolicyLoss(torch.nn.Module):

@@ -61,7 +61,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput
 
 from ..policy_loss import PolicyLossConfig
-from ..policy_loss import _loss_from_token_stats  # TODO(lead): a public loss-from-(logp, H) entry point
+from ..policy_loss import policy_loss_from_logprobs
 from .hf import head_logprobs_and_entropy, model_body, output_head, scatter_rows
 
 OUTPUT_FIELDS = ("log_probs", "entropy")
@@ -236,8 +236,9 @@ class FusedGRPOTrainer(GRPOTrainer):
             raise ValueError("per-token advantages [B, T] with importance_sampling_level='sequence': TRL broadcasts "
                              "the sequence ratio over tokens, entropy-ops uses GSPO-token; use fused_loss=False")
         ref = inputs["ref_per_token_logps"] if self.beta != 0.0 else None
-        loss, metrics = _loss_from_token_stats(logp, H, valid, advantages, inputs.get("old_per_token_logps"),
-                                               ref, cfg)
+        loss, metrics = policy_loss_from_logprobs(logp, H, mask=valid, advantages=advantages,
+                                                  old_logprobs=inputs.get("old_per_token_logps"),
+                                                  ref_logprobs=ref, config=cfg)
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         n_valid = valid.sum().to(torch.float32)
