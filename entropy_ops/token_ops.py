@@ -133,6 +133,8 @@ def token_backward_torch(logits3d, targets, stats: RowStats, g_logp, g_H, params
     """CPU backward: writes ``dz`` block by block into ``out3d`` (may be ``logits3d`` itself)."""
     keep = targets != params.ignore_index
     safe_targets = torch.where(keep, targets, 0)
+    # Ignored rows carry zeroed statistics; m = +inf makes p = 0 there (exp(s - 0) could overflow).
+    stats = RowStats(torch.where(keep, stats.m, float("inf")), stats.log_S, stats.H)
     if g_logp is not None:
         g_logp = torch.where(keep, g_logp, 0.0)
     if g_H is not None:

@@ -204,3 +204,13 @@ def test_backend_from_environment(monkeypatch, backend):
     monkeypatch.setattr(token_ops.TokenLogprobsEntropy, "apply", spy)
     entropy_ops.token_logprobs_and_entropy(logits, targets)
     assert seen == [backend]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_with_huge_logits_get_zero_gradient(backend):
+    logits = (torch.randn(4, 50, generator=torch.Generator().manual_seed(3)) + 100.0).requires_grad_(True)
+    targets = torch.tensor([1, -100, 7, -100])
+    logp, H = entropy_ops.token_logprobs_and_entropy(logits, targets, backend=backend)
+    (logp.sum() + H.sum()).backward()
+    assert torch.isfinite(logits.grad).all()
+    assert (logits.grad[targets == -100] == 0).all()

@@ -32,6 +32,14 @@ SMALL = dict(rewards={"correctness": 1.0, DIGITS_REWARD: 0.5}, num_prompts=4, gr
              eval_every=0, save_every=1, learning_rate=1e-3, log_every=1, seed=3, temperature=1.2)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def restore_torch_threads():
+    """The trainer sets torch's (process-wide) thread count (1 for the tiny model): give other modules theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def digit_reward(monkeypatch):
     module = types.ModuleType(DIGITS_REWARD.split(":")[0])
@@ -99,6 +107,20 @@ def test_two_steps_then_interrupt_and_resume(tmp_path, monkeypatch):
     steps = [json.loads(line)["step"] for line in open(tmp_path / "resumed" / "metrics.jsonl")
              if json.loads(line)["kind"] == "train"]
     assert steps == [1, 2]
+
+
+def test_reference_model_dynamic_sampling_and_iterations(tmp_path):
+    """Dr.GRPO with a KL term (a reference model), dynamic sampling and 2 optimizer passes per batch."""
+    trainer, summary = _run(tmp_path, "variants", algo="dr_grpo", dynamic_sampling=True, num_iterations=2,
+                            loss={"beta": 0.05}, max_steps=1, save_every=0, plot=False)
+    assert trainer.ref_model is not None and not any(p.requires_grad for p in trainer.ref_model.parameters())
+    assert trainer.loss_config.aggregation == "seq-mean-token-sum-norm" and trainer.loss_config.beta == 0.05
+    row = [json.loads(line) for line in open(tmp_path / "variants" / "metrics.jsonl")][1]
+    assert row["kind"] == "train" and 0 < row["dynamic_sampling/kept_frac"] <= 1
+    for key in ("loss/kl_ref", "loss/ratio_max", "loss/approx_kl", "loss/loss"):
+        assert math.isfinite(row[key]), key
+    assert row["loss/kl_ref"] > 0  # the second pass moved the policy away from the reference
+    assert summary["steps"] == 1
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +206,7 @@ def test_embedded_tokenizer_loads_as_built():
     loaded, built = load_tokenizer("tiny-arith"), build_tokenizer()
     for text in ["What is 37+48?\\boxed{85}", "a b\nc \\boxed{x}} Z"]:
         assert loaded(text)["input_ids"] == built(text)["input_ids"]
-        assert loaded.decode(loaded(text)["input_ids"]) == text.replace("Z", "<unk>")
+        # characters outside the vocabulary (newline, most capitals) become <unk>
+        assert loaded.decode(loaded(text)["input_ids"]) == text.replace("Z", "<unk>").replace("\n", "<unk>")
     assert loaded.convert_ids_to_tokens(loaded("\\boxed{1}")["input_ids"]) == ["\\boxed{", "1", "}"]
     assert loaded.padding_side == "left" and loaded.pad_token == "<pad>" and loaded.eos_token == "<eos>"
