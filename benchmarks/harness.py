@@ -69,6 +69,12 @@ def _is_oom(exc: BaseException) -> bool:
     return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
 
 
+def _describe(exc: BaseException, limit: int = 300) -> str:
+    """``"Type: first line of the message"``, cut to ``limit`` characters."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit] if lines else ''}"
+
+
 def _mem_available_bytes() -> int | None:
     try:
         with open("/proc/meminfo") as f:
@@ -258,7 +264,7 @@ def run_cell(op_mod, impl, fn, shape, dtype, device, mode, settings, reference: 
         cell.update(time_step(step, device, settings["repeats"], settings["cuda_rep_ms"]))
     except Exception as exc:  # a failing peer is a result, not a crash
         cell["status"] = "oom" if _is_oom(exc) else "error"
-        cell["reason"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+        cell["reason"] = _describe(exc)
     cell.update(_floor(op_mod, shape, dtype, mode, settings["baselines"], cell.get("time_ms")))
     return cell
 

@@ -39,6 +39,10 @@ def draw_all(results: dict, out_dir: Path) -> list[Path]:
         figures[_figure_key(cell)].append(cell)
     written = []
     device = results["environment"].get("device_name", "?")
+    palette = plt.get_cmap("tab10").colors
+    # One colour per implementation name across every figure of the run.
+    names = list(dict.fromkeys(i["name"] for i in results["impls"]))
+    colours = {name: palette[k % len(palette)] for k, name in enumerate(names)}
     for key, cells in sorted(figures.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
         modes = [m for m in ("fwd", "fwd_bwd") if any(c["mode"] == m for c in cells)]
         if not any(c["status"] == "ok" for c in cells):
@@ -57,7 +61,8 @@ def draw_all(results: dict, out_dir: Path) -> list[Path]:
             for impl in sorted(set(lines) | set(oom), key=lambda name: (not name.startswith("ours"), name)):
                 pts = sorted(lines.get(impl, []))
                 label = impl + (f" (oom at N>={min(oom[impl])})" if oom.get(impl) else "")
-                style = dict(marker="o", linewidth=2.5 if impl.startswith("ours") else 1.2)
+                style = dict(marker="o", color=colours.get(impl), linewidth=2.5 if impl.startswith("ours") else 1.2,
+                             linestyle="--" if impl == "ours-inplace" else "-")
                 xs = [p[0] for p in pts]
                 axes[0][col].plot(xs, [p[1] for p in pts], label=label, **style)
                 axes[1][col].plot(xs, [max(p[2], 1) / 2**20 for p in pts], label=label, **style)

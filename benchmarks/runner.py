@@ -154,7 +154,7 @@ def run(argv: list[str]) -> tuple[dict, Path]:
 
     env["load_avg_at_end"] = list(os.getloadavg())
     results = {"schema": SCHEMA, "environment": env, "baselines": baselines,
-               "settings": {k: v for k, v in vars(args).items()}, "impls": impl_records, "cells": cells}
+               "settings": dict(vars(args)), "impls": impl_records, "cells": cells}
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     return results, out_dir
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     results, out_dir = run(argv)
     print(report.console_table(results))
-    if not parse_args(argv).no_plots:
+    if not results["settings"]["no_plots"]:
         from .plots import draw_all
 
         for path in draw_all(results, out_dir):

@@ -55,7 +55,7 @@ class TrainConfig:
     top_p: float = _f(1.0, "Nucleus sampling threshold (1: off).")
     top_k: int = _f(0, "Top-k sampling (0: off).")
     # --- optimization
-    learning_rate: float = _f(1e-3, "AdamW learning rate (peak, after warm-up).")
+    learning_rate: float = _f(1e-4, "AdamW learning rate (peak, after warm-up).")
     lr_schedule: str = _f("constant", "After warm-up: 'constant', 'cosine' or 'linear' decay to 0 at max_steps.")
     warmup_steps: int = _f(0, "Linear learning-rate warm-up steps.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -78,9 +78,11 @@ class TrainConfig:
     # --- system
     seed: int = _f(0, "Seed of prompt order, sampling and initialization.")
     device: str = _f("auto", "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
-    dtype: str = _f("auto", "Model dtype: 'auto' (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16.")
+    dtype: str = _f("auto", "Model dtype: 'auto' (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16. "
+                            "Weights are updated in this dtype (no fp32 master copy): prefer float32 at tiny lr.")
     attn_implementation: str = _f("auto", "'auto' (flash_attention_2 when installed on CUDA, else sdpa), or any transformers name.")
-    torch_threads: int = _f(0, "CPU threads for torch (0: torch's default, one per physical core).")
+    torch_threads: int = _f(0, "CPU threads for torch; 0: auto (1 for a model under 10M parameters on CPU, "
+                               "else torch's default of one per physical core).")
     backend: str = _f("auto", "Fused-op backend: 'auto', 'triton' or 'torch'.")
 
     # ------------------------------------------------------------ construction
@@ -188,7 +190,7 @@ class TrainConfig:
             raise ValueError("loss.temperature: set `temperature` instead (it is used for sampling and the loss)")
         self.loss_config(algorithm.loss_preset)  # raises on unknown keys or bad values
 
-    def loss_config(self, preset: str):
+    def loss_config(self, preset: str, algorithm_overrides: dict | None = None):
         """The ``PolicyLossConfig``: the algorithm's ``preset`` with ``loss`` overrides and our temperature."""
         from entropy_ops.policy_loss import PolicyLossConfig
 
@@ -196,7 +198,8 @@ class TrainConfig:
         unknown = sorted(set(self.loss) - known)
         if unknown:
             raise ValueError(f"loss: unknown key(s) {unknown}; PolicyLossConfig fields are {sorted(known)}")
-        options = {"max_completion_length": self.max_new_tokens, **self.loss, "temperature": self.temperature}
+        options = {"max_completion_length": self.max_new_tokens, **(algorithm_overrides or {}), **self.loss,
+                   "temperature": self.temperature}
         try:
             return PolicyLossConfig.preset(preset, **options)
         except (TypeError, ValueError) as e:

@@ -62,6 +62,19 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
 
+# Below this many parameters a CPU run uses one thread: the matmuls (e.g. 128 x 512 for the embedded
+# model) are too small to split, and on a shared 2-core machine every multi-threaded op waits for a
+# descheduled thread (the trainer's smoke test took 239 s with 2 threads, 21 s with 1, under load).
+SINGLE_THREAD_MAX_PARAMS = 10_000_000
+
+
+def auto_threads(model, device) -> int | None:
+    """Thread count for ``torch_threads = 0``: 1 for a small model on CPU, else ``None`` (torch's default)."""
+    if device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SINGLE_THREAD_MAX_PARAMS:
+        return 1
+    return None
+
+
 def load_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
     """``(train_rows, eval_rows)`` of the configured dataset."""
     if config.dataset == "arithmetic":
@@ -82,8 +95,6 @@ class Trainer:
         from entropy_ops.policy_loss import policy_loss
 
         self._linear_op, self._policy_loss = linear_logprobs_and_entropy, policy_loss
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
         self.device = choose_device(cfg.device)
         self.output_dir = cfg.output_dir or os.path.join("runs", f"{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.algorithm: Algorithm = get_algorithm(cfg.algo, **cfg.algo_options)
@@ -102,10 +113,13 @@ class Trainer:
         self.model = load_model(resume_from or cfg.model, device=self.device, dtype=dtype, attn_implementation=attn)
         self.tokenizer = load_tokenizer(resume_from or cfg.model)
         self.head = lm_head_of(self.model)
-        loss_config = cfg.loss_config(self.algorithm.loss_preset)
+        threads = cfg.torch_threads or auto_threads(self.model, self.device)
+        if threads:
+            torch.set_num_threads(threads)
+        loss_config = cfg.loss_config(self.algorithm.loss_preset, dict(self.algorithm.loss_overrides))
         self.loss_config = dataclasses.replace(loss_config, temperature=self.head.op_temperature(cfg.temperature))
         self.ref_model = None
-        if self.loss_config.beta > 0:
+        if self.loss_config.beta > 0 or self.algorithm.needs_reference:
             self.ref_model = load_model(cfg.ref_model or cfg.model, device=self.device, dtype=dtype,
                                         attn_implementation=attn).requires_grad_(False)
         self.engine = HFGenerateEngine(self.model, self.tokenizer)

@@ -73,7 +73,7 @@ def plot_metrics(jsonl_path: str, png_path: str) -> str:
     from matplotlib.figure import Figure
 
     rows = read_metrics(jsonl_path)
-    train = [r for r in rows if r["kind"] == "train"]
+    train = [r for r in rows if r["kind"] == "train" and "entropy" in r]  # not steps that dynamic sampling skipped
     evals = [r for r in rows if r["kind"] == "eval"]
     fig = Figure(figsize=(8, 6), dpi=110)
     FigureCanvasAgg(fig)

@@ -1,27 +1,36 @@
 """Build the embedded default model ``assets/tiny-arith``: a tiny causal LM warmed up on addition.
 
-    python -m entropy_ops.trainers.make_tiny_model --out trainers/assets/tiny-arith
+    python -m entropy_ops.trainers.make_tiny_model     # writes trainers/assets/tiny-arith
 
-What it writes (a few MB): ``config.json``, ``generation_config.json``,
+What it writes (4.2 MB): ``config.json``, ``generation_config.json``,
 ``model.safetensors`` (fp32) and the tokenizer files. Nothing is downloaded.
 
 - Tokenizer: character level, built with ``tokenizers`` (``WordLevel`` over
-  single characters, with ``\\boxed{`` as one token, ``<pad>``, ``<eos>``, ``<unk>``).
+  single characters, with ``\\boxed{`` as one token, ``<pad>``, ``<eos>``,
+  ``<unk>``; 64 tokens).
 - Model: a ``Qwen2Config`` decoder (hidden 128, 4 layers, 4 heads, MLP 512,
-  tied embeddings; about 0.8M parameters), randomly initialized with the seed.
+  tied embeddings; 1,059,456 parameters), randomly initialized with the seed.
 - Warm-up: supervised training on the arithmetic task of ``tasks.py``
   (``What is 37+48?`` -> ``\\boxed{85}<eos>``, loss on the completion only,
-  AdamW, constant learning rate), held-out pairs excluded. It stops early on
-  purpose: the model formats every answer but is often wrong when sampled, so
-  that the RL run that starts from it has something to learn.
+  held-out pairs excluded), AdamW, batch 128, learning rate 1e-3 with 100
+  linear warm-up steps and a cosine decay over 1600 steps. The model learns the
+  tens and hundreds digits first and the units digit (a lookup of the two
+  operands' last digits) suddenly, between steps 300 and 500 (held-out greedy
+  accuracy 0.18 at 300, 0.75 at 400, 0.99 at 500). The default stops at step
+  400, in the middle of that jump, on purpose: the model formats every answer,
+  is right 75% of the time greedily but only 52% when sampled at temperature 1,
+  so the RL run that starts from it has something to learn. (Without the
+  warm-up, at a constant 3e-3, the units digit was still at chance after 1000 steps.)
 
-Deterministic for a given torch build and thread count (``--threads``, default 2):
-seeded initialization and batches.
+Deterministic: with the defaults (one thread) two builds gave bit-identical
+``model.safetensors`` (torch 2.13.0 CPU). Run time: 170 s wall (127 s CPU) on
+the project's shared 2-core machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import time
@@ -36,7 +45,7 @@ BOXED_TOKEN = "\\boxed{"
 # small margin (letters, punctuation) so that other short prompts tokenize
 # without <unk>.
 CHARACTERS = list("0123456789+-*/=?.,:;()[]{}\\^_ ") + list("abcdefghijklmnopqrstuvwxyz") + list("WHAT")
-# The model's size: the smallest of the sizes tried that learns 2-digit addition.
+# The model's size (the project's feasibility recipe): 1.06M parameters, 4.2 MB as fp32.
 MODEL_SHAPE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
 
@@ -115,11 +124,13 @@ def evaluate(model, tokenizer, rows: list[dict], *, samples: int, seed: int) -> 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "assets", "tiny-arith"))
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=400, help="optimizer steps (the default stops mid-way on purpose)")
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    ap.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    ap.add_argument("--decay-steps", type=int, default=1600, help="horizon of the cosine decay to 10%% of --lr")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--save-at", type=int, nargs="*", default=[], help="also save snapshots OUT-stepN at these steps")
     args = ap.parse_args(argv)
@@ -131,6 +142,8 @@ def main(argv=None) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"vocab {len(tokenizer)}, parameters {n_params:,}, train pairs {len(train_rows)}, held out {len(eval_rows)}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup) * (
+        0.55 + 0.45 * math.cos(math.pi * min(1.0, s / args.decay_steps))))
     rng = random.Random(args.seed)
     t0 = time.perf_counter()
     for step in range(1, args.steps + 1):
@@ -140,6 +153,7 @@ def main(argv=None) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             acc = evaluate(model, tokenizer, eval_rows, samples=2, seed=args.seed)

@@ -87,14 +87,32 @@ def probe_import(module: str, *names: str) -> Callable[[], str | None]:
     return probe
 
 
+# Graphs one compiled function may hold: every (shape, dtype, grad mode) of a run is a
+# new graph, and past dynamo's default limit (8) it would silently run eagerly.
+COMPILE_GRAPH_LIMIT = 1024
+
+
 def compiled(fn: Callable) -> Callable[[torch.device], Callable]:
     """``build`` for the ``torch.compile`` form of a naive function (static shapes: one
-    graph per shape, as a training job with fixed micro-batch shapes would see)."""
+    graph per shape, as a training job with fixed micro-batch shapes would see).
+
+    Raises dynamo's recompile limits (:func:`raise_recompile_limits`) so that no cell
+    falls back to eager execution under the ``torch-compile`` name.
+    """
 
     def build(device: torch.device) -> Callable:
+        raise_recompile_limits()
         return torch.compile(fn, dynamic=False)
 
     return build
+
+
+def raise_recompile_limits() -> None:
+    """Let dynamo hold ``COMPILE_GRAPH_LIMIT`` graphs per function in this benchmark process."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILE_GRAPH_LIMIT)
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, COMPILE_GRAPH_LIMIT)
 
 
 def plain(fn: Callable) -> Callable[[torch.device], Callable]:

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from . import Impl, Out, compiled, plain, probe_import, randn, random_targets
+from . import Impl, Out, compiled, plain, probe_import, raise_recompile_limits, randn, random_targets
 from .linear import LOGIT_STD, no_softcap
 from .linear import naive as naive_linear
 
@@ -111,6 +111,8 @@ def _compiled_build(device):
 def _liger_build(device):
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
+    if device.type == "cuda":
+        raise_recompile_limits()  # Liger compiles its per-chunk function: one graph per shape
     module = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="grpo", epsilon_low=EPS_LOW,
                                       epsilon_high=EPS_HIGH, compiled=device.type == "cuda")
 

@@ -7,11 +7,14 @@ joins with the :func:`register` decorator. Names are case-insensitive, and
 from __future__ import annotations
 
 from .base import Algorithm, RolloutBatch
+from .entropy_minimization import EMFT, EMRL
 from .grpo import GRPO, RLOO, DrGRPO
+from .gtpo import GRPOS, GTPO
+from .seed_grpo import SeedGRPO
 
 # The algorithms shipped with entropy-ops. New built-in modules (gtpo, grpo-s,
 # seed-grpo, em-ft, em-rl) add their classes here.
-_BUILTINS: tuple[type[Algorithm], ...] = (GRPO, DrGRPO, RLOO)
+_BUILTINS: tuple[type[Algorithm], ...] = (GRPO, DrGRPO, RLOO, GTPO, GRPOS, SeedGRPO, EMFT, EMRL)
 
 
 def _key(name: str) -> str:

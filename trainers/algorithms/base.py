@@ -51,6 +51,13 @@ class Algorithm:
     name: ClassVar[str] = ""
     loss_preset: ClassVar[str] = "grpo"  # the entropy_ops.PolicyLossConfig preset it trains with
     uses_rewards: ClassVar[bool] = True  # False: the reward functions are not needed (EM-FT, EM-RL)
+    # PolicyLossConfig fields the algorithm sets on top of its preset (the user's `loss:` keys still win).
+    loss_overrides: ClassVar[dict[str, Any]] = {}
+
+    @property
+    def needs_reference(self) -> bool:
+        """True when the algorithm itself needs reference-model log-probs (e.g. EM-FT's KL term)."""
+        return False
 
     def __init__(self, **options: Any) -> None:
         if options:
