@@ -27,11 +27,12 @@ from ._dispatch import resolve_backend
 from ._layout import as_rows3d
 from ._validation import check_finite_rows, check_float_tensor, check_targets, check_temperature
 
-# CPU path working set: each block holds about this many fp32 elements (1 MiB),
-# small enough to stay in a core's cache. Chosen on this project's 2-core dev
-# machine at N=2048, V=32000, fp32, fwd+bwd, one thread, CPU time, median of 3:
-# 2^17 0.65 s, 2^18 0.54 s, 2^19 0.69 s, 2^20 0.74 s (naive PyTorch: 1.62 s).
-CPU_BLOCK_ELEMENTS = 1 << 18
+# CPU path working set: each block holds about this many fp32 elements (4 MiB).
+# Measured on this project's 2-core machine, N=4096, V=32000, fp32, fwd+bwd, torch's
+# default 2 threads, best of runs: 2^19 0.54 s, 2^20 0.50 s, 2^21 0.51 s, 2^22 0.56 s
+# (naive 1.77 s); peak memory grows with the block (2^24: only 3.6x below naive).
+# With one thread 2^18 was best (0.54 s vs 0.74 s at N=2048): blocks must feed both cores.
+CPU_BLOCK_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
