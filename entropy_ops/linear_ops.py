@@ -270,6 +270,23 @@ def _unit_stride_d(x3d: torch.Tensor) -> torch.Tensor:
     return x3d if x3d.stride(-1) == 1 or x3d.shape[-1] == 1 else x3d.contiguous()
 
 
+def linear_forward(hidden, weight, bias, flat_targets, params: LinearOpParams):
+    """Forward on the resolved backend: ``hidden`` ``[..., D]`` (any leading strides) -> ``(logp, H, stats)``."""
+    if params.backend == "triton":
+        return linear_forward_triton(_unit_stride_d(as_rows3d(hidden)), _unit_stride_d(weight), bias,
+                                     flat_targets, params)
+    return linear_forward_torch(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets, params)
+
+
+def linear_backward(hidden, weight, bias, flat_targets, stats, g_logp, g_H, params: LinearOpParams, needs):
+    """Backward on the resolved backend -> fp32 ``(dh [N, D], dW, db)`` (``None`` where not needed)."""
+    if params.backend == "triton":
+        return linear_backward_triton(_unit_stride_d(as_rows3d(hidden)), _unit_stride_d(weight), bias,
+                                      flat_targets, stats, g_logp, g_H, params, needs)
+    return linear_backward_torch(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets,
+                                 stats, g_logp, g_H, params, needs)
+
+
 class LinearLogprobsEntropy(torch.autograd.Function):
     """``(hidden [..., D], weight [V, D], bias [V] | None, targets [...]) -> (logp [...], H [...])``, fp32."""
 
@@ -277,12 +294,7 @@ class LinearLogprobsEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, params: LinearOpParams):
         ctx.set_materialize_grads(False)
         flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
-        if params.backend == "triton":
-            logp, H, stats = linear_forward_triton(_unit_stride_d(as_rows3d(hidden)), _unit_stride_d(weight),
-                                                   bias, flat_targets, params)
-        else:
-            logp, H, stats = linear_forward_torch(hidden.reshape(-1, hidden.shape[-1]), weight, bias,
-                                                  flat_targets, params)
+        logp, H, stats = linear_forward(hidden, weight, bias, flat_targets, params)
         check_finite_rows(stats[0] + stats[1], flat_targets != params.ignore_index, "logits (hidden @ weight.T)")
         ctx.save_for_backward(hidden, weight, bias, flat_targets, stats)
         ctx.params = params
@@ -299,12 +311,7 @@ class LinearLogprobsEntropy(torch.autograd.Function):
         g_logp = None if grad_logp is None else grad_logp.reshape(-1).to(torch.float32).contiguous()
         g_H = None if grad_H is None else grad_H.reshape(-1).to(torch.float32).contiguous()
         with torch.no_grad():
-            if params.backend == "triton":
-                dh, dw, db = linear_backward_triton(_unit_stride_d(as_rows3d(hidden)), _unit_stride_d(weight), bias,
-                                                    flat_targets, stats, g_logp, g_H, params, needs)
-            else:
-                dh, dw, db = linear_backward_torch(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets,
-                                                   stats, g_logp, g_H, params, needs)
+            dh, dw, db = linear_backward(hidden, weight, bias, flat_targets, stats, g_logp, g_H, params, needs)
         dh = None if dh is None else dh.to(hidden.dtype).view(hidden.shape)
         dw = None if dw is None else dw.to(weight.dtype)
         db = None if db is None else db.to(bias.dtype)

@@ -26,11 +26,8 @@ from ._layout import as_rows3d
 from ._validation import check_finite_rows, check_softcap, check_targets, check_temperature
 from .linear_ops import (
     LinearOpParams,
-    _unit_stride_d,
-    linear_backward_torch,
-    linear_backward_triton,
-    linear_forward_torch,
-    linear_forward_triton,
+    linear_backward,
+    linear_forward,
     linear_logprobs_and_entropy,
 )
 from .token_ops import token_logprobs_and_entropy
@@ -151,17 +148,9 @@ class ChunkedLinearParams:
     token_chunk_size: int
 
 
-def _launch_forward(h3d, weight, bias, targets, op: LinearOpParams):
-    if op.backend == "triton":
-        return linear_forward_triton(_unit_stride_d(h3d), _unit_stride_d(weight), bias, targets, op)
-    return linear_forward_torch(h3d.reshape(-1, h3d.shape[-1]), weight, bias, targets, op)  # copies <= a chunk
-
-
-def _launch_backward(h3d, weight, bias, targets, stats, g_logp, g_H, op: LinearOpParams, needs):
-    if op.backend == "triton":
-        return linear_backward_triton(_unit_stride_d(h3d), _unit_stride_d(weight), bias, targets, stats, g_logp, g_H,
-                                      op, needs)
-    return linear_backward_torch(h3d.reshape(-1, h3d.shape[-1]), weight, bias, targets, stats, g_logp, g_H, op, needs)
+# The chunk's h3d view goes to the shared dispatcher of linear_ops (a copy of at most one chunk on the CPU path).
+_launch_forward = linear_forward
+_launch_backward = linear_backward
 
 
 class ChunkedLinearLogprobsEntropy(torch.autograd.Function):

@@ -51,11 +51,8 @@ from ._validation import (
 )
 from .linear_ops import (
     LinearOpParams,
-    _unit_stride_d,
-    linear_backward_torch,
-    linear_backward_triton,
-    linear_forward_torch,
-    linear_forward_triton,
+    linear_backward,
+    linear_forward,
     linear_logprobs_and_entropy,
 )
 from .softmax_stats import RowStats
@@ -230,11 +227,7 @@ class VocabParallelLinearLogprobsEntropy(torch.autograd.Function):
         op: LinearOpParams = params.op
         flat = targets.reshape(-1).to(torch.int64)
         fwd_t, bwd_t, owned = shard_targets(flat, params.vocab_start, weight.shape[0], op.ignore_index)
-        if op.backend == "triton":
-            logp_r, _, st = linear_forward_triton(_unit_stride_d(as_rows3d(hidden)), _unit_stride_d(weight), bias,
-                                                  fwd_t, op)
-        else:
-            logp_r, _, st = linear_forward_torch(hidden.reshape(-1, hidden.shape[-1]), weight, bias, fwd_t, op)
+        logp_r, _, st = linear_forward(hidden, weight, bias, fwd_t, op)
         part = shard_partials(logp_r, st[0], st[1], st[2], owned)  # st[2]: H of every row (logp_r's H is masked)
         logp, H, saved = _finish(part, owned, flat, params, "logits (hidden @ weight_shard.T)")
         ctx.save_for_backward(hidden, weight, bias, bwd_t, saved)
@@ -255,12 +248,7 @@ class VocabParallelLinearLogprobsEntropy(torch.autograd.Function):
         if g_logp is None and g_H is None:  # still join the dh all-reduce below: other ranks may have gradients
             g_H = torch.zeros(bwd_t.shape, dtype=torch.float32, device=bwd_t.device)
         with torch.no_grad():
-            if op.backend == "triton":
-                dh, dw, db = linear_backward_triton(_unit_stride_d(as_rows3d(hidden)), _unit_stride_d(weight), bias,
-                                                    bwd_t, saved.contiguous(), g_logp, g_H, op, needs)
-            else:
-                dh, dw, db = linear_backward_torch(hidden.reshape(-1, hidden.shape[-1]), weight, bias, bwd_t, saved,
-                                                   g_logp, g_H, op, needs)
+            dh, dw, db = linear_backward(hidden, weight, bias, bwd_t, saved.contiguous(), g_logp, g_H, op, needs)
             if dh is not None:  # dh = sum over ranks of dz_r W_r, reduced in fp32 (fp64 for fp64 inputs)
                 dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=params.group)
         dh = None if dh is None else dh.to(hidden.dtype).view(hidden.shape)

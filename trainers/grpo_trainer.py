@@ -29,9 +29,7 @@ import json
 import math
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from functools import partial
 
@@ -42,6 +40,7 @@ from .algorithms import Algorithm, RolloutBatch, get_algorithm
 from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .evaluation import evaluate
+from .interrupt import GracefulStop
 from .logging_utils import EVAL_KEYS, MetricsLogger, format_line, peak_memory_mib, plot_metrics, read_metrics
 from .model import (choose_attn_implementation, choose_device, choose_dtype, completion_hidden, lm_head_of,
                     load_model, load_tokenizer)
@@ -62,9 +61,10 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
 
-# Below this many parameters a CPU run uses one thread: the matmuls (e.g. 128 x 512 for the embedded
-# model) are too small to split, and on a shared 2-core machine every multi-threaded op waits for a
-# descheduled thread (the trainer's smoke test took 239 s with 2 threads, 21 s with 1, under load).
+# Below this many parameters a CPU run uses one thread: the matmuls (128 x 512 for the embedded
+# model) are too small to split, and on a shared machine every multi-threaded op waits for a
+# descheduled thread. Measured on the project's shared 2-core machine, the default run (200 steps,
+# seed 0): 1 thread 122-128 s wall (117-121 s CPU), 2 threads 1143 s wall (850 s CPU), same result.
 SINGLE_THREAD_MAX_PARAMS = 10_000_000
 
 
@@ -318,13 +318,14 @@ class Trainer:
 
         cfg = self.config
         t0 = time.perf_counter()
-        evals: list[dict] = []
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{cfg.algo}", dynamic_ncols=True)
-        last_saved = last_eval = None
-        with _GracefulStop() as stop:
+        logged = read_metrics(self.logger.path) if self.resumed_from else []
+        last_eval = self.step if any(r["kind"] == "eval" and r["step"] == self.step for r in logged) else None
+        last_saved = self.step if self.resumed_from else None  # the checkpoint we started from
+        with GracefulStop() as stop:
             try:
                 if self.step == 0 and self.eval_rows:
-                    evals.append(self._log_eval(bar))
+                    self._log_eval(bar)
                     last_eval = self.step
                 while self.step < cfg.max_steps and not stop.requested:
                     metrics = self.train_step()
@@ -336,19 +337,20 @@ class Trainer:
                     if self.step % cfg.log_every == 0:
                         bar.write(format_line(self.step, metrics))
                     if cfg.eval_every and self.step % cfg.eval_every == 0 and self.eval_rows:
-                        evals.append(self._log_eval(bar))
+                        self._log_eval(bar)
                         last_eval = self.step
                     if cfg.save_every and self.step % cfg.save_every == 0:
                         self.save()
                         last_saved = self.step
                 if not stop.requested and self.eval_rows and last_eval != self.step:
-                    evals.append(self._log_eval(bar))
+                    self._log_eval(bar)
                 if last_saved != self.step:
                     path = self.save()
                     bar.write(f"saved {path}")
             finally:
                 bar.close()
                 self.logger.close()
+        evals = [r for r in read_metrics(self.logger.path) if r["kind"] == "eval"]  # a resumed run's too
         summary = {"output_dir": self.output_dir, "steps": self.step, "wall_s": round(time.perf_counter() - t0, 1),
                    "interrupted": stop.requested, "first_eval": evals[0] if evals else None,
                    "last_eval": evals[-1] if evals else None}
@@ -358,35 +360,10 @@ class Trainer:
             json.dump(summary, f, indent=2)
         return summary
 
-    def _log_eval(self, bar) -> dict:
+    def _log_eval(self, bar) -> None:
         metrics = self.evaluate()
         self.logger.log(self.step, "eval", metrics)
         bar.write(format_line(self.step, metrics, EVAL_KEYS) + "  (held-out)")
-        return {"step": self.step, **{k: float(v) for k, v in metrics.items()}}
-
-
-class _GracefulStop:
-    """While active, the first Ctrl-C (SIGINT) sets ``requested``; the second aborts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again aborts without saving)",
-              file=sys.stderr)
-
-    def __enter__(self) -> "_GracefulStop":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 def _write_yaml(path: str, values: dict) -> None:
