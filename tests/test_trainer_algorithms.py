@@ -1,5 +1,4 @@
 """Every registered ``--algo`` trains end to end for 2 steps on the embedded tiny model (CPU)."""
-import math
 
 import pytest
 import torch

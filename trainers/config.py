@@ -188,7 +188,7 @@ class TrainConfig:
                 raise ValueError(f"rewards.{name} must be a finite weight, got {weight}")
         if "temperature" in self.loss:
             raise ValueError("loss.temperature: set `temperature` instead (it is used for sampling and the loss)")
-        self.loss_config(algorithm.loss_preset)  # raises on unknown keys or bad values
+        self.loss_config(algorithm.loss_preset, dict(algorithm.loss_overrides))  # raises on unknown keys or bad values
 
     def loss_config(self, preset: str, algorithm_overrides: dict | None = None):
         """The ``PolicyLossConfig``: the algorithm's ``preset`` with ``loss`` overrides and our temperature."""
