@@ -56,3 +56,14 @@ def assert_close(actual, expected, rel, name="value", rowwise=False):
             f"{name}: worst at {idx}: got {a[idx].item():.10g}, expected {e[idx].item():.10g}, "
             f"|err| {err[idx].item():.3g} > bound {bound[idx].item():.3g} (rel {rel})"
         )
+
+
+def assert_matches_hand_values(actual, expected, rtol, atol):
+    """``|actual - expected| <= rtol |expected| + atol`` against hand-computed float64 values; no NaN."""
+    actual, expected = actual.double(), torch.as_tensor(expected, dtype=torch.float64)
+    assert not torch.isnan(actual).any(), "NaN in the result"
+    err = (actual - expected).abs() - rtol * expected.abs()
+    worst = int(err.flatten().argmax())
+    assert err.flatten()[worst] <= atol, (
+        f"worst index {worst}: got {actual.flatten()[worst].item()!r}, expected {expected.flatten()[worst].item()!r}"
+    )

@@ -14,17 +14,13 @@ from entropy_ops.trainers.algorithms.gtpo import (
     gtpo_token_rewards,
 )
 
+from oracle import assert_matches_hand_values
+
 F64 = torch.float64
 
 
 def assert_close(actual, expected, rtol, atol=1e-12):
-    actual, expected = actual.double(), torch.as_tensor(expected, dtype=F64)
-    assert not torch.isnan(actual).any(), "NaN in the result"
-    err = (actual - expected).abs() - rtol * expected.abs()
-    worst = int(err.flatten().argmax())
-    assert err.flatten()[worst] <= atol, (
-        f"worst index {worst}: got {actual.flatten()[worst].item()!r}, expected {expected.flatten()[worst].item()!r}"
-    )
+    assert_matches_hand_values(actual, expected, rtol, atol)
 
 
 def hand_group():
