@@ -1,5 +1,8 @@
 """Command line: ``entropy-ops train [--algo A] [--config FILE] [--key=value ...]``.
 
+Also ``entropy-ops compare`` (several algorithms side by side, ``compare.py``)
+and ``entropy-ops generate`` (sampling, with ``--em-inf``, ``generate.py``).
+
 Precedence: the dataclass defaults, then the YAML file, then ``--key=value``
 overrides (any ``TrainConfig`` field; ``--loss.eps_high=0.28`` sets one entry of
 a mapping), then the named flags. With no arguments, ``entropy-ops train`` runs
@@ -29,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, help="random seed")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     train.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    # These two parse their own arguments (entropy-ops compare --help, entropy-ops generate --help).
+    sub.add_parser("compare", add_help=False, help="train several algorithms side by side; plot and tabulate")
+    sub.add_parser("generate", add_help=False, help="sample completions, optionally with EM-INF (--em-inf)")
     return parser
 
 
@@ -74,6 +80,15 @@ def config_yaml(config: TrainConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("compare", "generate"):
+        if argv[0] == "compare":
+            from .compare import main as compare_main
+
+            return compare_main(argv[1:])
+        from .generate import main as generate_main
+
+        return generate_main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
@@ -88,14 +103,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from transformers.utils import logging as hf_logging
 
+    from .distributed import shutdown
     from .grpo_trainer import Trainer
 
     hf_logging.disable_progress_bar()  # weight-loading bars would interleave with the training bar
-    summary = Trainer(config).train()
-    first, last = summary["first_eval"], summary["last_eval"]
-    for name, ev in (("before", first), ("after", last)):
+    trainer = Trainer(config)
+    try:
+        summary = trainer.train()
+    finally:
+        shutdown(trainer.dist)
+    if not trainer.dist.is_main:  # under torchrun, rank 0 reports
+        return 130 if summary["interrupted"] else 0
+    for name in ("first_eval", "last_eval"):
+        ev = summary.get(name)
         if ev:
             shown = {k: round(v, 4) for k, v in ev.items() if k.startswith("eval/") and "correct" in k or k == "step"}
-            print(f"held-out {name}: {shown}")
+            print(f"held-out {'before' if name == 'first_eval' else 'after'}: {shown}")
+    if "world_size" in summary:
+        print(f"data parallel: {summary['world_size']} processes, replicas identical: "
+              f"{summary['replica_max_abs_diff'] == 0.0} (max |difference| {summary['replica_max_abs_diff']:.3g})")
     print(f"run directory: {summary['output_dir']}  ({summary['steps']} steps, {summary['wall_s']} s)")
     return 130 if summary["interrupted"] else 0

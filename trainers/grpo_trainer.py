@@ -21,6 +21,11 @@ Micro-batch losses are weighted by their share of the batch's valid tokens
 mean) or of its responses (the per-response aggregations), so the accumulated
 gradient is that of one pass over the whole batch. (The entropy mask's
 quantile is taken per micro-batch.)
+
+Under ``torchrun`` the step is data-parallel: each rank samples and trains on
+its share of the prompt groups, and the gradients are summed over ranks once
+per optimizer step (``distributed.py`` says how and why that is the
+single-process step).
 """
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ from .advantages import groups_with_signal
 from .algorithms import Algorithm, RolloutBatch, get_algorithm
 from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
+from .distributed import (all_reduce_sum, any_rank, broadcast_parameters, gather_objects,
+                          init_distributed, replica_max_abs_diff, shard_rows, sum_gradients)
 from .evaluation import evaluate
 from .interrupt import GracefulStop
 from .logging_utils import EVAL_KEYS, MetricsLogger, format_line, peak_memory_mib, plot_metrics, read_metrics
@@ -96,6 +103,10 @@ class Trainer:
 
         self._linear_op, self._policy_loss = linear_logprobs_and_entropy, policy_loss
         self.device = choose_device(cfg.device)
+        self.dist = init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
+        shard_rows(list(range(cfg.num_prompts)), self.dist)  # num_prompts divisible by the world size
         self.output_dir = cfg.output_dir or os.path.join("runs", f"{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.algorithm: Algorithm = get_algorithm(cfg.algo, **cfg.algo_options)
         self.custom_loss = type(self.algorithm).loss is not Algorithm.loss
@@ -106,12 +117,13 @@ class Trainer:
         resume_from = latest_checkpoint(self.output_dir) if cfg.resume else None
         if cfg.resume and resume_from is None:
             print(f"resume: no checkpoint in {self.output_dir}, starting from step 0", file=sys.stderr)
-        random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed + self.dist.rank)  # rank 0's streams are the single-process ones
+        torch.manual_seed(cfg.seed + self.dist.rank)
         dtype = choose_dtype(cfg.dtype, self.device)
         attn = choose_attn_implementation(cfg.attn_implementation, self.device)
         self.model = load_model(resume_from or cfg.model, device=self.device, dtype=dtype, attn_implementation=attn)
         self.tokenizer = load_tokenizer(resume_from or cfg.model)
+        broadcast_parameters(self.model, self.dist)
         self.head = lm_head_of(self.model)
         threads = cfg.torch_threads or auto_threads(self.model, self.device)
         if threads:
@@ -134,17 +146,25 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.sampler.load_state_dict(state["sampler"])
-            set_rng_state(state["rng"])
+            ranks = state.get("rng_ranks")
+            if ranks is not None and len(ranks) == self.dist.world_size:
+                set_rng_state(ranks[self.dist.rank])
+            elif self.dist.rank == 0:
+                set_rng_state(state["rng"])
+            else:  # saved with another world size: a fresh stream per rank and step
+                torch.manual_seed(cfg.seed + self.dist.rank + 100_003 * int(state["step"]))
             self.step = int(state["step"])
         self.resumed_from = resume_from
-        os.makedirs(self.output_dir, exist_ok=True)
+        self.logger = None  # rank 0 alone logs and writes files
         log_path = os.path.join(self.output_dir, "metrics.jsonl")
-        if resume_from is not None and os.path.isfile(log_path):  # forget steps logged after the checkpoint
-            kept = [r for r in read_metrics(log_path) if r["step"] <= self.step]
-            with open(log_path, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-        self.logger = MetricsLogger(log_path, append=resume_from is not None)
-        _write_yaml(os.path.join(self.output_dir, "config.yaml"), cfg.to_dict())
+        if self.dist.is_main:
+            os.makedirs(self.output_dir, exist_ok=True)
+            if resume_from is not None and os.path.isfile(log_path):  # forget steps logged after the checkpoint
+                kept = [r for r in read_metrics(log_path) if r["step"] <= self.step]
+                with open(log_path, "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in kept)
+            self.logger = MetricsLogger(log_path, append=resume_from is not None)
+            _write_yaml(os.path.join(self.output_dir, "config.yaml"), cfg.to_dict())
 
     # ------------------------------------------------------------------ scoring
     def fused_logprobs(self, model, head, rollout: Rollout, *, with_grad: bool, rows: slice, entropy: bool = True):
@@ -188,6 +208,8 @@ class Trainer:
         total, components = self.reward_fn(rollout.prompts, rollout.completions,
                                            completion_lengths=lengths.tolist(), **fields)
         rewards = torch.tensor(total, dtype=torch.float32)
+        pre_drop = {"reward/mean": (rewards.sum().item(), len(rewards)),
+                    "completion_length/mean": (lengths.sum().item(), len(lengths))}
         metrics = {"reward/mean": rewards.mean(), "reward/std": rewards.std(), "time/generate_s": t_gen,
                    "completion_length/mean": lengths.float().mean(), "completion_length/max": lengths.max(),
                    "completion_length/truncated_frac": rollout.truncated.float().mean(),
@@ -207,6 +229,7 @@ class Trainer:
             correct = torch.tensor(self.correctness(rollout.prompts, rollout.completions, answer=fields["answer"])) > 0
         else:
             correct = torch.zeros(len(rewards), dtype=torch.bool)
+        metrics["_sums"] = dict(pre_drop)
         if len(rewards) == 0:
             return rollout, None, metrics
         old_logp, old_H = self.score(self.model, rollout)
@@ -221,17 +244,24 @@ class Trainer:
         valid = rollout.completion_mask
         metrics["entropy"] = (old_H.sum() / valid.sum().clamp_min(1)).item()
         metrics["correct_frac"] = correct.float().mean()
+        metrics["_sums"].update({"entropy": (old_H.sum().item(), valid.sum().item()),
+                                 "correct_frac": (correct.float().sum().item(), len(correct))})
         return rollout, batch, metrics
 
     def train_step(self) -> dict:
         """One step: rollout batch, advantages, ``num_iterations`` optimizer passes. Returns the step's metrics."""
         cfg = self.config
         t0 = time.perf_counter()
-        rows = self.sampler.sample(cfg.num_prompts)
+        rows = shard_rows(self.sampler.sample(cfg.num_prompts), self.dist)
         rollout, batch, metrics = self.rollout_batch(rows)
+        self._globalize(metrics)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        if batch is None:  # dynamic sampling dropped every group: nothing to learn from
+        if batch is None and not self.dist.enabled:  # dynamic sampling dropped every group: nothing to learn from
             metrics["skipped"] = 1.0
+            self.scheduler.step()
+            return metrics
+        if batch is None:  # this rank has nothing, others may: join the step's collectives with zero gradients
+            metrics.update(self.update(rollout, None, None, None))
             self.scheduler.step()
             return metrics
         ref_logp = self.score(self.ref_model, rollout, entropy=False)[0] if self.ref_model is not None else None
@@ -252,20 +282,44 @@ class Trainer:
                         "throughput/tokens_per_s": n_tokens / (now - t0), **peak_memory_mib(self.device)})
         return metrics
 
-    def update(self, rollout: Rollout, batch: RolloutBatch, adv, ref_logp) -> dict:
-        """``num_iterations`` optimizer steps over the batch, with gradient accumulation over micro-batches."""
-        cfg, mask = self.config, batch.completion_mask
-        targets = rollout.completion_ids.masked_fill(~mask, IGNORE)
+    def _globalize(self, metrics: dict) -> None:
+        """Replace the rank-local means listed in ``metrics["_sums"]`` by means over all ranks."""
+        sums = metrics.pop("_sums")
+        if not self.dist.enabled:
+            return
+        keys = ("reward/mean", "completion_length/mean", "entropy", "correct_frac")
+        local = torch.tensor([v for k in keys for v in sums.get(k, (0.0, 0))], dtype=torch.float64)
+        total = all_reduce_sum(local, self.dist).view(-1, 2)
+        for key, (value, count) in zip(keys, total.tolist()):
+            if count > 0:
+                metrics[key] = value / count
+            else:
+                metrics.pop(key, None)
+
+    def update(self, rollout: Rollout, batch: RolloutBatch | None, adv, ref_logp) -> dict:
+        """``num_iterations`` optimizer steps over the batch, with gradient accumulation over micro-batches.
+
+        ``batch`` is None on a rank left without groups (dynamic sampling) in a distributed run:
+        it takes part in the reductions with zero gradients.
+        """
+        cfg = self.config
         per_token = self.custom_loss or self.loss_config.aggregation == "token-mean"
-        sizes = mask.sum(1) if per_token else (mask.sum(1) > 0).long()
-        total = sizes.sum().clamp_min(1)
+        if batch is not None:
+            mask = batch.completion_mask
+            targets = rollout.completion_ids.masked_fill(~mask, IGNORE)
+            sizes = mask.sum(1) if per_token else (mask.sum(1) > 0).long()
+        else:
+            sizes = torch.zeros(0, dtype=torch.long, device=self.device)
+        total = all_reduce_sum(sizes.sum(), self.dist)  # the global batch's tokens (or responses)
+        if int(total) == 0:  # possible only for a batch of empty completions
+            return {"skipped": 1.0}
         sums: dict[str, float] = {}
         extremes: dict[str, float] = {}
         grad_norms = []
         params = [p for p in self.model.parameters() if p.requires_grad]
         for _ in range(cfg.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
-            for rows in self._micro_batches(len(batch.completions)):
+            for rows in self._micro_batches(0 if batch is None else len(batch.completions)):
                 weight = (sizes[rows].sum() / total).item()
                 if weight == 0:
                     continue
@@ -279,9 +333,18 @@ class Trainer:
                         extremes[k] = pick(extremes.get(k, v), v)
                     else:
                         sums[k] = sums.get(k, 0.0) + weight * v / cfg.num_iterations
+            sum_gradients(params, self.dist)  # every replica now holds the full batch's gradient
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             grad_norms.append(float(norm))
             self.optimizer.step()
+        if self.dist.enabled:  # loss terms: weighted sums add over ranks, extremes reduce (a rank may have none)
+            gathered = gather_objects((sums, extremes), self.dist)
+            sums, extremes = {}, {}
+            for rank_sums, rank_extremes in gathered:
+                for k, v in rank_sums.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                for k, v in rank_extremes.items():
+                    extremes[k] = (max if k.endswith("_max") else min)(extremes.get(k, v), v)
         return {**{f"loss/{k}": v for k, v in {**sums, **extremes}.items()}, "grad_norm": sum(grad_norms) / len(grad_norms)}
 
     def _micro_batch_loss(self, rollout, rows, targets, adv, batch, ref_logp):
@@ -304,56 +367,75 @@ class Trainer:
         return evaluate(self, self.eval_rows)
 
     def save(self) -> str:
+        """Write a checkpoint (rank 0; every rank contributes its random state). Returns its path ("" off rank 0)."""
+        rng_ranks = gather_objects(rng_state(), self.dist)
+        if not self.dist.is_main:
+            return ""
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "sampler": self.sampler.state_dict(), "rng": rng_state()}
+                 "sampler": self.sampler.state_dict(), "rng": rng_ranks[0]}
+        if self.dist.enabled:
+            state["rng_ranks"] = rng_ranks
         return save_checkpoint(self.output_dir, self.step, model=self.model, tokenizer=self.tokenizer, state=state,
                                keep=self.config.keep_checkpoints)
 
     def train(self) -> dict:
         """Run to ``max_steps`` (evaluating, logging, saving); Ctrl-C saves a checkpoint, then stops.
 
-        Returns a summary: first and last evaluation, steps, wall time, output paths, ``interrupted``.
+        Returns a summary: first and last evaluation, steps, wall time, output paths, ``interrupted``
+        (and, in a distributed run, ``replica_max_abs_diff``: 0.0 when the replicas stayed identical).
         """
         from tqdm.auto import tqdm
 
-        cfg = self.config
+        cfg, main = self.config, self.dist.is_main
         t0 = time.perf_counter()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{cfg.algo}", dynamic_ncols=True)
-        logged = read_metrics(self.logger.path) if self.resumed_from else []
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{cfg.algo}", dynamic_ncols=True, disable=not main)
+        logged = read_metrics(self.logger.path) if self.resumed_from and main else []
         last_eval = self.step if any(r["kind"] == "eval" and r["step"] == self.step for r in logged) else None
         last_saved = self.step if self.resumed_from else None  # the checkpoint we started from
+        evaluating = bool(self.eval_rows) and main
+        stopped = False
         with GracefulStop() as stop:
             try:
-                if self.step == 0 and self.eval_rows:
+                if self.step == 0 and evaluating:
                     self._log_eval(bar)
                     last_eval = self.step
-                while self.step < cfg.max_steps and not stop.requested:
+                while self.step < cfg.max_steps:
+                    stopped = any_rank(stop.requested, self.dist)  # every rank stops at the same step
+                    if stopped:
+                        break
                     metrics = self.train_step()
                     self.step += 1
-                    self.logger.log(self.step, "train", metrics)
+                    if main:
+                        self.logger.log(self.step, "train", metrics)
                     bar.update(1)
                     bar.set_postfix(reward=f"{float(metrics['reward/mean']):.3f}",
                                     H=f"{metrics.get('entropy', float('nan')):.3f}")
-                    if self.step % cfg.log_every == 0:
+                    if self.step % cfg.log_every == 0 and main:
                         bar.write(format_line(self.step, metrics))
-                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.eval_rows:
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and evaluating:
                         self._log_eval(bar)
                         last_eval = self.step
                     if cfg.save_every and self.step % cfg.save_every == 0:
                         self.save()
                         last_saved = self.step
-                if not stop.requested and self.eval_rows and last_eval != self.step:
+                if not stopped and evaluating and last_eval != self.step:
                     self._log_eval(bar)
                 if last_saved != self.step:
                     path = self.save()
-                    bar.write(f"saved {path}")
+                    if main:
+                        bar.write(f"saved {path}")
             finally:
                 bar.close()
-                self.logger.close()
-        evals = [r for r in read_metrics(self.logger.path) if r["kind"] == "eval"]  # a resumed run's too
+                if self.logger is not None:
+                    self.logger.close()
         summary = {"output_dir": self.output_dir, "steps": self.step, "wall_s": round(time.perf_counter() - t0, 1),
-                   "interrupted": stop.requested, "first_eval": evals[0] if evals else None,
-                   "last_eval": evals[-1] if evals else None}
+                   "interrupted": stopped}
+        if self.dist.enabled:
+            summary.update(world_size=self.dist.world_size, replica_max_abs_diff=replica_max_abs_diff(self.model, self.dist))
+        if not main:
+            return summary
+        evals = [r for r in read_metrics(self.logger.path) if r["kind"] == "eval"]  # a resumed run's too
+        summary.update(first_eval=evals[0] if evals else None, last_eval=evals[-1] if evals else None)
         if cfg.plot:
             summary["plot"] = plot_metrics(self.logger.path, os.path.join(self.output_dir, "metrics.png"))
         with open(os.path.join(self.output_dir, "summary.json"), "w", encoding="utf-8") as f:

@@ -1,0 +1,167 @@
+"""Data-parallel training (trainers/distributed.py) on CPU with the gloo backend, 2 processes.
+
+- the user's path: ``torchrun --standalone --nproc_per_node 2 -m entropy_ops.trainers train`` for two
+  steps: exit 0, rank 0 alone logs and checkpoints (with both ranks' random states), replicas identical;
+- the math: a fixed rollout batch split by prompt group over 2 ranks gives, after ``Trainer.update``,
+  the same gradients and parameters on each rank as one process updating on the whole batch (token-mean
+  and per-response aggregations, micro-batches that do not divide the shards), and a rank left without
+  any group (dynamic sampling) joins the reductions with zero gradients instead of hanging;
+- sharding and bucketing helpers.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from entropy_ops.trainers.algorithms import RolloutBatch
+from entropy_ops.trainers.checkpoint import list_checkpoints, load_state
+from entropy_ops.trainers.config import TrainConfig
+from entropy_ops.trainers.distributed import DistContext, _buckets, shard_rows
+from entropy_ops.trainers.grpo_trainer import Trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = dict(num_prompts=4, group_size=2, max_new_tokens=6, micro_batch_size=3, num_eval_prompts=4, eval_samples=1,
+            eval_every=0, save_every=0, learning_rate=1e-3, seed=5, device="cpu", plot=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def test_torchrun_two_processes_two_steps(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "entropy_ops.trainers", "train", "--max-steps", "2", "--output-dir", str(out),
+           "--num_prompts=4", "--group_size=4", "--max_new_tokens=6", "--num_eval_prompts=4", "--eval_samples=1",
+           "--eval_every=0", "--plot=false", "--device=cpu"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "data parallel: 2 processes, replicas identical: True" in proc.stdout
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]  # one line per step: rank 0 alone logs
+    for r in train:
+        assert 0.0 <= r["reward/mean"] <= 1.0 and r["entropy"] > 0 and torch.isfinite(torch.tensor(r["loss/loss"]))
+    summary = json.load(open(out / "summary.json"))
+    assert summary["world_size"] == 2 and summary["replica_max_abs_diff"] == 0.0
+    (step, path), = list_checkpoints(str(out))
+    state = load_state(path)
+    assert step == 2 and len(state["rng_ranks"]) == 2
+    assert not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])  # rank streams differ
+
+
+# ---------------------------------------------------------------- gradient equivalence
+def _config(tmp, name, loss_preset_algo):
+    return TrainConfig.from_dict({**BASE, "algo": loss_preset_algo, "output_dir": str(tmp / name)})
+
+
+def _fixed_batch(trainer, rollout, adv):
+    """The RolloutBatch ``update`` needs, with the policy's own old log-probs (rewards are unused there)."""
+    old_logp, old_H = trainer.score(trainer.model, rollout)
+    B = len(rollout.completions)
+    return RolloutBatch(prompts=rollout.prompts, completions=rollout.completions, group_size=trainer.config.group_size,
+                        rewards=torch.zeros(B), correct=torch.zeros(B, dtype=torch.bool),
+                        completion_mask=rollout.completion_mask, old_logprobs=old_logp, old_entropy=old_H)
+
+
+def _update_and_collect(trainer, rollout, adv):
+    if rollout is None:
+        trainer.update(None, None, None, None)
+    else:
+        trainer.update(rollout, _fixed_batch(trainer, rollout, adv), adv, None)
+    return ({n: p.grad.clone() for n, p in trainer.model.named_parameters()},
+            {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+
+
+def _worker(rank, world, port, tmp, algo, rollout_path, empty_rank, results):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    trainer = Trainer(_config(tmp, f"rank{rank}", algo))
+    rollout, adv = torch.load(rollout_path, weights_only=False)
+    G, k = trainer.config.group_size, trainer.config.num_prompts // world
+    rows = torch.arange(rank * k * G, (rank + 1) * k * G)
+    if rank == empty_rank:
+        grads, params = _update_and_collect(trainer, None, None)
+    else:
+        grads, params = _update_and_collect(trainer, rollout.select(rows), adv[rows])
+    torch.save((grads, params), os.path.join(results, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("algo,empty_rank", [("grpo", None), ("dr-grpo", None), ("grpo", 1)],
+                         ids=["grpo-seq-mean-token-mean", "dr-grpo-token-sum", "rank1-empty"])
+def test_two_rank_update_equals_single_process(tmp_path, algo, empty_rank):
+    single = Trainer(_config(tmp_path, "single", algo))
+    torch.manual_seed(11)
+    rollout = single.engine.generate([r["prompt"] for r in single.train_rows[:4]], num_samples=2, max_new_tokens=6,
+                                     temperature=1.3)
+    adv = torch.randn(len(rollout.completions))
+    rollout_path = str(tmp_path / "rollout.pt")
+    torch.save((rollout, adv), rollout_path)
+    # The reference: one process, the whole batch (or only rank 0's half when rank 1 has none).
+    ref_rows = torch.arange(len(rollout.completions)) if empty_rank is None else torch.arange(4)
+    ref_grads, ref_params = _update_and_collect(single, rollout.select(ref_rows), adv[ref_rows])
+
+    results = tmp_path / "results"
+    results.mkdir()
+    mp.start_processes(_worker, args=(2, _free_port(), tmp_path, algo, rollout_path, empty_rank, str(results)),
+                       nprocs=2, join=True, start_method="spawn")
+    per_rank = [torch.load(results / f"rank{r}.pt") for r in range(2)]
+    for name, ref in ref_grads.items():
+        g0, g1 = per_rank[0][0][name], per_rank[1][0][name]
+        assert torch.equal(g0, g1), name  # identical replicas: the all-reduced sum is the same bytes
+        scale = ref.abs().max().clamp_min(1e-12)
+        assert (g0 - ref).abs().max() / scale < 1e-5, (name, float((g0 - ref).abs().max()), float(scale))
+    nonzero = sum(float(g.abs().sum()) > 0 for g in ref_grads.values())
+    assert nonzero > len(ref_grads) // 2  # a real gradient, not zeros on both sides
+    for name, ref in ref_params.items():
+        p0, p1 = per_rank[0][1][name], per_rank[1][1][name]
+        assert torch.equal(p0, p1), name
+        # AdamW's first step is about lr * g / (|g| + eps): where |g| ~ eps = 1e-8, the 1e-5-relative
+        # gradient differences above move a parameter by a visible fraction of lr (1e-3), hence 1% of lr.
+        torch.testing.assert_close(p0, ref, rtol=0, atol=1e-2 * BASE["learning_rate"])
+
+
+# ---------------------------------------------------------------- helpers
+def test_shard_rows_gives_whole_contiguous_shares():
+    rows = list(range(8))
+    assert shard_rows(rows, DistContext()) == rows
+    assert [shard_rows(rows, DistContext(rank=r, world_size=4)) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    with pytest.raises(ValueError, match=r"num_prompts \(6\) must be divisible by the number of processes \(4\)"):
+        shard_rows(list(range(6)), DistContext(rank=0, world_size=4))
+
+
+def test_buckets_split_by_size_and_dtype():
+    ts = [torch.zeros(10), torch.zeros(10), torch.zeros(10, dtype=torch.float64), torch.zeros(30)]
+    sizes = [[t.numel() for t in b] for b in _buckets(ts, bucket_bytes=80)]
+    assert sizes == [[10, 10], [10], [30]]
+
+
+def test_trainer_rejects_num_prompts_not_divisible(tmp_path, monkeypatch):
+    from entropy_ops.trainers import grpo_trainer
+
+    monkeypatch.setattr(grpo_trainer, "init_distributed", lambda device_type: DistContext(rank=0, world_size=3))
+    with pytest.raises(ValueError, match=r"num_prompts \(4\) must be divisible"):
+        Trainer(_config(tmp_path, "x", "grpo"))
