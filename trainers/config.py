@@ -54,6 +54,8 @@ class TrainConfig:
     temperature: float = _f(1.0, "Sampling temperature; the loss scores tokens at the same temperature.")
     top_p: float = _f(1.0, "Nucleus sampling threshold (1: off).")
     top_k: int = _f(0, "Top-k sampling (0: off).")
+    rollout_engine: str = _f("hf", "Sampling engine: 'hf' (transformers generate) or 'vllm' (colocated, extra [vllm]).")
+    rollout_engine_options: dict[str, Any] = _f({}, "The engine's options (vllm: gpu_memory_utilization, max_model_len, ...).")
     # --- optimization
     learning_rate: float = _f(1e-4, "AdamW learning rate (peak, after warm-up).")
     lr_schedule: str = _f("constant", "After warm-up: 'constant', 'cosine' or 'linear' decay to 0 at max_steps.")
@@ -172,6 +174,9 @@ class TrainConfig:
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         self._validate_plugins()
         self._validate_paths()
+        from .rollout import check_engine_options
+
+        check_engine_options(self.rollout_engine, self.rollout_engine_options)
         return self
 
     def _validate_plugins(self) -> None:

@@ -52,7 +52,7 @@ from .logging_utils import EVAL_KEYS, MetricsLogger, format_line, peak_memory_mi
 from .model import (choose_attn_implementation, choose_device, choose_dtype, completion_hidden, lm_head_of,
                     load_model, load_tokenizer)
 from .rewards import MathCorrectness, build_rewards
-from .rollout import HFGenerateEngine, Rollout, sequence_inputs
+from .rollout import Rollout, make_engine, sequence_inputs
 from .tasks import PromptSampler, arithmetic_task, load_jsonl
 
 IGNORE = -100
@@ -134,7 +134,7 @@ class Trainer:
         if self.loss_config.beta > 0 or self.algorithm.needs_reference:
             self.ref_model = load_model(cfg.ref_model or cfg.model, device=self.device, dtype=dtype,
                                         attn_implementation=attn).requires_grad_(False)
-        self.engine = HFGenerateEngine(self.model, self.tokenizer)
+        self.engine = make_engine(cfg.rollout_engine, self.model, self.tokenizer, **cfg.rollout_engine_options)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
@@ -337,6 +337,7 @@ class Trainer:
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             grad_norms.append(float(norm))
             self.optimizer.step()
+            self.engine.update_weights(self.model)  # a separate engine (vLLM) samples the next batch from these
         if self.dist.enabled:  # loss terms: weighted sums add over ranks, extremes reduce (a rank may have none)
             gathered = gather_objects((sums, extremes), self.dist)
             sums, extremes = {}, {}
