@@ -80,3 +80,46 @@ def check_same_dtype_device(name: str, x: torch.Tensor, ref_name: str, ref: torc
         raise TypeError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {x.dtype}")
     if x.device != ref.device:
         raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {x.device}")
+
+
+def check_lm_head(hidden, weight, bias, weight_name: str = "weight", bias_name: str = "bias") -> None:
+    """``hidden [..., D]``, ``weight [V, D]`` (V >= 1), ``bias [V]`` or ``None``: float, same dtype and device.
+
+    The lm_head checks of every hidden-state op (``linear_logprobs_and_entropy``, its token-chunked and
+    vocab-parallel forms), with the caller's argument names (``weight_shard``/``bias_shard``).
+    """
+    check_float_tensor("hidden", hidden)
+    check_float_tensor(weight_name, weight)
+    D = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != D or weight.shape[0] == 0:
+        if weight.dim() != 2:
+            why = f"it has {weight.dim()} dimension(s)"
+        elif weight.shape[0] == 0:
+            why = "V = 0"
+        else:
+            why = f"its D = {weight.shape[1]} differs"
+        raise ValueError(f"{weight_name} must have shape [V, D] with V >= 1 and D = hidden.shape[-1] = {D}, "
+                         f"got {tuple(weight.shape)} ({why})")
+    check_same_dtype_device(weight_name, weight, "hidden", hidden)
+    if bias is not None:
+        check_float_tensor(bias_name, bias)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"{bias_name} must have shape [V] = [{weight.shape[0]}] ({weight_name}.shape[0]), "
+                             f"got {tuple(bias.shape)}")
+        check_same_dtype_device(bias_name, bias, "hidden", hidden)
+
+
+def check_accumulator(name: str, out, shape, dtype: torch.dtype, device: torch.device, *,
+                      contiguous: bool) -> None:
+    """A caller-provided gradient accumulator: a tensor of exactly ``shape``, ``dtype`` and ``device``
+    (``TypeError`` for the type/dtype, ``ValueError`` otherwise), contiguous when the kernel needs it."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} (the accumulation dtype), got {out.dtype}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(out.shape)}")
+    if out.device != device:
+        raise ValueError(f"{name} must be on {device}, got {out.device}")
+    if contiguous and not out.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (the kernel adds into it row-major), got strides {out.stride()}")

@@ -14,7 +14,9 @@ registers; fp32 atomics for ``dh``/``dW``/``db``, so its gradients are not bitwi
 The CPU path walks ``[n, v]`` blocks of at most ``CPU_BLOCK_ELEMENTS`` fp32 elements: vocab chunks
 outside, token chunks inside, merging per-chunk ``(m, S, T)`` with ``softmax_stats.merge_stats``;
 backward recomputes each block, ``dh += dz W_chunk`` and ``dW_chunk += dz^T h_chunk`` (a fixed
-order: deterministic). Forward saves ``(m, log S, H)`` per row, fp32.
+order: deterministic). Forward saves ``(m, log S, H)`` per row, fp32. The backward launches add into
+caller-provided accumulators (``dh_out``, ``dw_out``, ``db_out``) when given instead of fresh zeros,
+so a caller that runs them chunk by chunk (``token_chunking``) holds one ``[V, D]`` fp32 ``dW``, not one per chunk.
 
 Module layout: launch functions (usable without autograd), the CPU functions, the
 ``autograd.Function``, then the public functional.
@@ -27,9 +29,9 @@ from . import softmax_stats
 from ._dispatch import resolve_backend, triton_interpreting
 from ._layout import as_rows3d
 from ._validation import (
+    check_accumulator,
     check_finite_rows,
-    check_float_tensor,
-    check_same_dtype_device,
+    check_lm_head,
     check_softcap,
     check_targets,
     check_temperature,
@@ -66,6 +68,16 @@ class LinearOpParams:
 # ---------------------------------------------------------------- Triton launches
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _accumulator(name, out, needed: bool, shape, dtype, device, *, contiguous: bool):
+    """The gradient buffer of one launch: ``out`` (checked) when given, else fresh zeros; ``None`` if not needed."""
+    if not needed:
+        return None
+    if out is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    check_accumulator(name, out, shape, dtype, device, contiguous=contiguous)
+    return out
 
 
 def _kernel_meta(h3d: torch.Tensor, bias, params: LinearOpParams) -> dict:
@@ -121,10 +133,14 @@ def linear_forward_triton(h3d, weight, bias, targets, params: LinearOpParams, *,
 
 
 def linear_backward_triton(h3d, weight, bias, targets, stats, g_logp, g_H, params: LinearOpParams, needs,
-                           *, config=None):
+                           *, config=None, dh_out=None, dw_out=None, db_out=None):
     """Launch the backward; ``needs`` = ``(hidden, weight, bias)`` gradient flags.
 
-    Returns fp32 ``(dh [N, D], dW [V, D], db [V])``, ``None`` where not needed.
+    Returns fp32 ``(dh [N, D], dW [V, D], db [V])``, ``None`` where not needed. The kernel adds into
+    its gradient buffers with fp32 atomics: by default they are fresh zeros; ``dh_out`` / ``dw_out`` /
+    ``db_out`` (fp32, contiguous, of those shapes, on the inputs' device) are the caller's instead, and
+    this call's gradient is *added* to what they hold (no new ``[N, D]`` / ``[V, D]`` / ``[V]`` buffer);
+    they are returned in place of the fresh ones. One given for a gradient not in ``needs`` is left alone.
     """
     from .kernels import linear_logprobs_entropy as k
 
@@ -132,9 +148,9 @@ def linear_backward_triton(h3d, weight, bias, targets, stats, g_logp, g_H, param
     n_rows, V = A * B, weight.shape[0]
     dev = h3d.device
     need_h, need_w, need_b = needs
-    dh = torch.zeros(n_rows, D, dtype=torch.float32, device=dev) if need_h else None
-    dw = torch.zeros(V, D, dtype=torch.float32, device=dev) if need_w else None
-    db = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
+    dh = _accumulator("dh_out", dh_out, need_h, (n_rows, D), torch.float32, dev, contiguous=True)
+    dw = _accumulator("dw_out", dw_out, need_w, (V, D), torch.float32, dev, contiguous=True)
+    db = _accumulator("db_out", db_out, need_b, (V,), torch.float32, dev, contiguous=True)
     if n_rows == 0 or not any(needs):
         return dh, dw, db
     cfg = config or k.launch_config(h3d.element_size(), params.allow_tf32)[1]
@@ -216,11 +232,14 @@ def linear_forward_torch(h2d, weight, bias, targets, params: LinearOpParams, *, 
 
 
 def linear_backward_torch(h2d, weight, bias, targets, stats, g_logp, g_H, params: LinearOpParams, needs,
-                          *, block_elements=CPU_BLOCK_ELEMENTS):
+                          *, block_elements=CPU_BLOCK_ELEMENTS, dh_out=None, dw_out=None, db_out=None):
     """CPU backward: ``(dh [N, D], dW [V, D], db [V])`` (``None`` where not needed).
 
-    ``dh`` and ``db`` are in the compute dtype, ``dW`` in the weight's dtype (accumulated per vocab
-    chunk in the compute dtype, then stored).
+    ``dh`` and ``db`` are in the compute dtype (fp32; fp64 for fp64 inputs), ``dW`` in the weight's
+    dtype (accumulated per vocab chunk in the compute dtype, then stored). ``dh_out`` / ``dw_out`` /
+    ``db_out``: the caller's buffers in the compute dtype (any strides), into which this call's
+    gradient is *added* (blocks ``addmm_`` straight into them, no ``[N, D]`` / ``[V, D]`` / ``[V]``
+    buffer of its own); they are returned in place of the fresh ones (``dW`` then in the compute dtype).
     """
     n_rows, D = h2d.shape
     V = weight.shape[0]
@@ -232,9 +251,12 @@ def linear_backward_torch(h2d, weight, bias, targets, stats, g_logp, g_H, params
     if g_H is not None:
         g_H = torch.where(keep, g_H.to(cdtype), 0.0)
     m, log_S, H = stats.to(cdtype)
-    dh = torch.zeros(n_rows, D, dtype=cdtype) if need_h else None
-    dw = torch.zeros(V, D, dtype=weight.dtype) if need_w else None
-    db = torch.zeros(V, dtype=cdtype) if need_b else None
+    dh = _accumulator("dh_out", dh_out, need_h, (n_rows, D), cdtype, h2d.device, contiguous=False)
+    if need_w and dw_out is None:
+        dw = torch.zeros(V, D, dtype=weight.dtype)
+    else:
+        dw = _accumulator("dw_out", dw_out, need_w, (V, D), cdtype, h2d.device, contiguous=False)
+    db = _accumulator("db_out", db_out, need_b, (V,), cdtype, h2d.device, contiguous=False)
     rows, cols = _cpu_chunks(n_rows, V, D, block_elements)
     for v0, v1 in _chunks(V, cols):
         w = weight[v0:v1].to(cdtype)
@@ -278,13 +300,20 @@ def linear_forward(hidden, weight, bias, flat_targets, params: LinearOpParams):
     return linear_forward_torch(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets, params)
 
 
-def linear_backward(hidden, weight, bias, flat_targets, stats, g_logp, g_H, params: LinearOpParams, needs):
-    """Backward on the resolved backend -> fp32 ``(dh [N, D], dW, db)`` (``None`` where not needed)."""
+def linear_backward(hidden, weight, bias, flat_targets, stats, g_logp, g_H, params: LinearOpParams, needs,
+                    *, dh_out=None, dw_out=None, db_out=None):
+    """Backward on the resolved backend -> fp32 ``(dh [N, D], dW, db)`` (``None`` where not needed).
+
+    ``dh_out`` ``[N, D]``, ``dw_out`` ``[V, D]``, ``db_out`` ``[V]``: optional caller buffers in the
+    accumulation dtype (fp32; fp64 for fp64 inputs on the torch path), contiguous on the Triton path;
+    this call's gradient is added into them and they are returned (see the two launch functions).
+    """
+    outs = dict(dh_out=dh_out, dw_out=dw_out, db_out=db_out)
     if params.backend == "triton":
         return linear_backward_triton(_unit_stride_d(as_rows3d(hidden)), _unit_stride_d(weight), bias,
-                                      flat_targets, stats, g_logp, g_H, params, needs)
+                                      flat_targets, stats, g_logp, g_H, params, needs, **outs)
     return linear_backward_torch(hidden.reshape(-1, hidden.shape[-1]), weight, bias, flat_targets,
-                                 stats, g_logp, g_H, params, needs)
+                                 stats, g_logp, g_H, params, needs, **outs)
 
 
 class LinearLogprobsEntropy(torch.autograd.Function):
@@ -367,20 +396,8 @@ def linear_logprobs_and_entropy(
 
     Raises ``ValueError`` for a non-ignored row whose logits are not finite (NaN/inf inputs).
     """
-    check_float_tensor("hidden", hidden)
-    check_float_tensor("weight", weight)
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        raise ValueError(
-            f"weight must have shape [V, D] with V >= 1 and D = hidden.shape[-1] = {hidden.shape[-1]}, "
-            f"got {tuple(weight.shape)}"
-        )
-    check_same_dtype_device("weight", weight, "hidden", hidden)
+    check_lm_head(hidden, weight, bias)
     n_classes = weight.shape[0]
-    if bias is not None:
-        check_float_tensor("bias", bias)
-        if bias.shape != (n_classes,):
-            raise ValueError(f"bias must have shape [V] = [{n_classes}] (weight.shape[0]), got {tuple(bias.shape)}")
-        check_same_dtype_device("bias", bias, "hidden", hidden)
     temperature = check_temperature(temperature)
     logit_softcap = check_softcap(logit_softcap)
     if not isinstance(allow_tf32, bool):

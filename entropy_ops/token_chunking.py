@@ -9,11 +9,14 @@ Two helpers, the same math as the ops they wrap (``logp = s_y - logsumexp(s)``,
   (``torch.utils.checkpoint``, non-reentrant): its logits exist only while that chunk runs, in forward and
   again in backward. This is where chunking pays: ``O(n V)`` instead of ``O(N V)`` logits.
 - :func:`chunked_linear_logprobs_and_entropy`: ``linear_logprobs_and_entropy`` run chunk by chunk in one
-  ``autograd.Function``. That op never holds ``[N, V]`` logits anyway; chunking only bounds its fp32
-  ``d hidden`` workspace (see its docstring for the exact trade-off, which today includes one extra
-  ``[V, D]`` fp32 buffer).
+  ``autograd.Function``. That op never holds ``[N, V]`` logits anyway; chunking replaces its fp32
+  ``d hidden`` for all ``N`` tokens (and that buffer's cast) by one chunk's, while ``d weight`` is added by
+  every chunk's launch into one fp32 accumulator (no per-chunk ``[V, D]``). For 16-bit inputs on the Triton
+  path the backward peak drops from ``N D e + V D 4 + D max(4 N, e V)`` to ``N D e + V D 4 + D max(4 n, e R)``
+  bytes (``R <= V`` vocab rows per accumulator block); for fp32 both are ``(N + V) D 4``: the gradients
+  themselves. Exact terms, the CPU path and a worked example in its docstring.
 
-Memory below: extra bytes beyond the inputs and what autograd keeps anyway, ``e_z`` / ``e_h`` the bytes per
+Memory below: extra bytes beyond the inputs and what autograd keeps anyway, ``e_z`` / ``e`` the bytes per
 element of the logits / of ``hidden`` and ``weight``.
 """
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ._dispatch import resolve_backend
 from ._layout import as_rows3d
-from ._validation import check_finite_rows, check_softcap, check_targets, check_temperature
+from ._validation import check_finite_rows, check_lm_head, check_softcap, check_targets, check_temperature
 from .linear_ops import (
     LinearOpParams,
     linear_backward,
@@ -31,7 +34,6 @@ from .linear_ops import (
     linear_logprobs_and_entropy,
 )
 from .token_ops import token_logprobs_and_entropy
-from .vocab_parallel import check_lm_head
 
 
 def _check_chunk_size(token_chunk_size) -> int:
@@ -148,13 +150,37 @@ class ChunkedLinearParams:
     token_chunk_size: int
 
 
-# The chunk's h3d view goes to the shared dispatcher of linear_ops (a copy of at most one chunk on the CPU path).
+# The chunk's h3d view goes to the shared dispatcher of linear_ops (a copy of at most one chunk on the CPU path,
+# when the chunk's rows cannot be flattened into one [n, D] view).
 _launch_forward = linear_forward
 _launch_backward = linear_backward
+# A 16-bit weight's fp32 dW accumulator is split into at most this many blocks of vocab rows.
+_MAX_DW_BLOCKS = 16
+
+
+def _dw_block_rows(n_vocab: int, chunk: int, elem: int) -> int:
+    """Vocab rows per fp32 ``dW`` block for a weight of ``elem`` bytes per element: ``4 n / elem`` (casting
+    one block then needs no more than one chunk's fp32 ``dh``, ``n D 4`` bytes), at most ``_MAX_DW_BLOCKS``
+    blocks (launches per chunk), rounded up to a multiple of 16 rows (aligned weight/bias slices), at most ``V``."""
+    rows = max(-(-n_vocab // _MAX_DW_BLOCKS), 4 * chunk // elem)
+    return min(n_vocab, -(-rows // 16) * 16)
+
+
+def _block_targets(targets: torch.Tensor, v0: int, v1: int, ignore_index: int) -> torch.Tensor:
+    """``targets`` as ids of the weight rows ``[v0, v1)``: ``y - v0`` where ``y`` lies there, ``ignore_index``
+    kept, and for other kept rows a negative id that is not ``ignore_index`` (it matches no column: the row
+    keeps its ``-p_i`` terms and gets no ``+ g_logp``; as ``vocab_parallel.shard_targets``)."""
+    elsewhere = -1 if ignore_index != -1 else -2
+    inside = (targets >= v0) & (targets < v1)
+    other = torch.where(targets == ignore_index, targets, torch.full_like(targets, elsewhere))
+    return torch.where(inside, targets - v0, other)
 
 
 class ChunkedLinearLogprobsEntropy(torch.autograd.Function):
-    """``linear_logprobs_and_entropy`` over token chunks; ``dW``/``db`` summed across chunks in fp32."""
+    """``linear_logprobs_and_entropy`` over token chunks; every chunk's launches add its ``dW``/``db`` into
+    one fp32 accumulator (``dw_out``/``db_out``; for a 16-bit weight ``dW``'s is split into vocab blocks,
+    one launch each, so that it can be cast block by block) and, for fp32 ``hidden``, its ``dh`` into the
+    gradient itself (``dh_out``)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, params: ChunkedLinearParams):
@@ -178,33 +204,67 @@ class ChunkedLinearLogprobsEntropy(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_H):
         hidden, weight, bias, flat, stats = ctx.saved_tensors
         params: ChunkedLinearParams = ctx.params
+        op = params.op
         needs = tuple(bool(x) for x in ctx.needs_input_grad[:3])
         if not any(needs) or (grad_logp is None and grad_H is None):
             return None, None, None, None, None
-        g_logp = None if grad_logp is None else grad_logp.reshape(-1).to(torch.float32).contiguous()
-        g_H = None if grad_H is None else grad_H.reshape(-1).to(torch.float32).contiguous()
-        acc = stats.dtype  # fp32 (fp64 for fp64 inputs on the CPU path)
-        dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs[0] else None
-        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
-        db = torch.zeros(weight.shape[:1], dtype=acc, device=weight.device) if needs[2] else None
+        acc = stats.dtype  # accumulation dtype: fp32 (fp64 for fp64 inputs on the CPU path)
+        dev = hidden.device
+        V, D = weight.shape
+        g_logp = None if grad_logp is None else grad_logp.reshape(-1).to(acc).contiguous()
+        g_H = None if grad_H is None else grad_H.reshape(-1).to(acc).contiguous()
+        # dh: the launches add straight into a zeroed slice of it when hidden has the accumulation dtype;
+        # otherwise into one zeroed fp32 [n, D] buffer per chunk, then cast into it.
+        dh_direct = hidden.dtype == acc
+        dh = None
+        if needs[0]:
+            dh = torch.zeros(hidden.shape, dtype=acc, device=dev) if dh_direct else \
+                torch.empty(hidden.shape, dtype=hidden.dtype, device=dev)
+        # dW: accumulators that every chunk's launches add into, one per block of vocab rows. With the
+        # accumulation dtype it is one block, returned as is; for a 16-bit weight each block is cast and
+        # freed in turn at the end, so the cast adds one block (rows D e_w bytes), not a whole [V, D].
+        rows = V if not needs[1] or weight.dtype == acc else _dw_block_rows(V, params.token_chunk_size,
+                                                                              weight.element_size())
+        blocks = [(v0, min(V, v0 + rows)) for v0 in range(0, V, rows)]
+        dw_parts = [torch.zeros(v1 - v0, D, dtype=acc, device=dev) if needs[1] else None for v0, v1 in blocks]
+        db = torch.zeros(V, dtype=acc, device=dev) if needs[2] else None
         h3d = as_rows3d(hidden)
-        dh3d = None if dh is None else as_rows3d(dh)  # a view: dh is contiguous
+        dh3d = None if dh is None else as_rows3d(dh)  # a view with h3d's [A, B] (dh is contiguous)
         with torch.no_grad():
             for r0, r1, index in token_chunks(h3d, params.token_chunk_size):
                 h_c = h3d[index]
-                dh_c, dw_c, db_c = _launch_backward(
-                    h_c, weight, bias, flat[r0:r1], stats[:, r0:r1].contiguous(),
-                    None if g_logp is None else g_logp[r0:r1], None if g_H is None else g_H[r0:r1],
-                    params.op, needs)
+                if op.backend == "torch":  # at most one [n, D] copy per chunk (rows that do not flatten), not per block
+                    h_c = h_c.reshape(-1, D)
+                t_c, st_c = flat[r0:r1], stats[:, r0:r1].contiguous()
+                g_c = (None if g_logp is None else g_logp[r0:r1], None if g_H is None else g_H[r0:r1])
+                dh_c = None
                 if dh is not None:
-                    dh3d[index].copy_(dh_c.view(h_c.shape))  # fp32 chunk -> hidden's dtype
-                if dw is not None:
-                    dw += dw_c  # the launch returns a fresh [V, D] per chunk (see the docstring's hook note)
-                    del dw_c
-                if db is not None:
-                    db += db_c
-        return (dh, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype),
-                None, None)
+                    dh_c = dh3d[index].view(r1 - r0, D) if dh_direct else \
+                        torch.zeros(r1 - r0, D, dtype=acc, device=dev)
+                for (v0, v1), dw_part in zip(blocks, dw_parts):
+                    whole = v1 - v0 == V
+                    _launch_backward(
+                        h_c, weight if whole else weight[v0:v1],
+                        bias if bias is None or whole else bias[v0:v1],
+                        t_c if whole else _block_targets(t_c, v0, v1, op.ignore_index), st_c, *g_c, op, needs,
+                        dh_out=dh_c, dw_out=dw_part, db_out=None if db is None else db[v0:v1])
+                if dh is not None and not dh_direct:
+                    dh3d[index].copy_(dh_c.view(dh3d[index].shape))  # fp32 chunk -> hidden's dtype
+                del dh_c  # before the next chunk allocates its own
+        dw = None
+        if needs[1]:
+            if weight.dtype == acc:
+                dw = dw_parts[0]
+            else:
+                pieces = []
+                for i in range(len(dw_parts)):
+                    pieces.append(dw_parts[i].to(weight.dtype))
+                    dw_parts[i] = None  # the fp32 block goes as soon as it is cast
+                dw = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+                del pieces
+        if db is not None and bias.dtype != acc:
+            db = db.to(bias.dtype)
+        return dh, dw, db, None, None
 
 
 def chunked_linear_logprobs_and_entropy(
@@ -224,21 +284,44 @@ def chunked_linear_logprobs_and_entropy(
 
     Same arguments, math and outputs (``logp``, ``H`` fp32, shaped like ``targets``); gradients for
     ``hidden``, ``weight``, ``bias`` equal the unchunked op's up to summation order (``dW`` and ``db``
-    are summed over chunks in one fp32 buffer, cast to the weight's dtype once at the end).
+    are summed over chunks in fp32, cast to the weight's dtype once at the end).
 
-    What chunking changes (``n = token_chunk_size``; ``e_h``, ``e_w`` bytes per element of ``hidden``,
-    ``weight``). Backward peak of the unchunked op: ``dh`` in fp32 for all tokens and its cast,
-    ``N D (4 + e_h)`` (``N D 4`` for fp32, where the cast is free), and ``dW`` in fp32 and its cast,
-    ``V D (4 + e_w)`` (``V D 4`` for fp32). Chunked: each chunk's fp32 ``dh`` goes into the ``[N, D]``
-    gradient at once, ``N D e_h + n D 4``; ``dW`` needs its fp32 accumulator *and* the fresh fp32 ``[V, D]``
-    that the backward launch function returns for every chunk, ``V D (8 + e_w)`` (``V D 8`` for fp32).
-    Net change ``V D 4 - (N - n) D 4`` for 16-bit ``hidden``: a saving only when ``N > V + n``; for fp32
-    ``+ (V + n) D 4``, never a saving. (Example, Qwen2.5 ``V = 152064``, ``D = 3584``, bf16, ``N = 131072``,
-    ``n = 8192``: ``(152064 - 122880) 3584 4`` bytes = 0.42 GB *more*.) Once the backward launch
-    functions can accumulate into caller buffers, the ``V D 4`` term disappears and the saving is
-    ``(N - n) D 4`` (1.76 GB in that example). Forward: ``20 N`` bytes of per-row outputs and statistics
-    plus one chunk's launch workspace, as unchunked. Every chunk is a separate launch (``ceil(N / n)``
-    of them): choose ``n`` in the thousands on a GPU. Neither form ever holds ``[N, V]`` logits.
+    Memory, in bytes beyond the inputs, the returned gradients included (``n = token_chunk_size``,
+    ``e`` bytes per element of ``hidden`` and ``weight``, ``N`` tokens)::
+
+        forward, both forms: 20 N held until backward (fp32 logp, H and [3, N] statistics; 8 N more for
+            targets that are not contiguous int64) + one launch's workspace, for n rows instead of N
+            (Triton: (12 s + 4) bytes a row, s vocab splits, 1 from block_n * SMs rows on; CPU: W below
+            + O(rows)); chunked also 20 n for the chunk's own outputs before they are copied
+        backward peak, 16-bit hidden/weight (e = 2; the gradients themselves are (N + V) D e):
+            Triton  unchunked  N D e + V D 4 + D max(4 N, e V)     fp32 dh [N, D] and dW [V, D], then each cast
+                    chunked    N D e + V D 4 + D max(4 n, e R)     one chunk's fp32 dh, the fp32 dW accumulator
+            CPU     unchunked  max(N D (4 + e) + V D e, N D 4 + V D e + W)
+                    chunked    N D e + V D 4 + max(n D 4 + W, R D e)
+        backward peak, fp32 (fp64 on the CPU path with 8 for 4): (N + V) D 4 (+ W on the CPU), both forms
+
+    Chunked, every launch adds its ``dW`` and ``db`` into the caller's accumulators (``dw_out``/``db_out``
+    of ``linear_ops.linear_backward``) and, for fp32 ``hidden``, its ``dh`` straight into the zeroed
+    gradient (``dh_out``); for 16-bit ``hidden`` each chunk's fp32 ``dh`` (``n D 4``) is cast into it. For
+    a 16-bit weight the fp32 ``dW`` accumulator is ``ceil(V / R)`` blocks of ``R = min(V, max(ceil(V / 16),
+    4 n / e))`` vocab rows, rounded up to a multiple of 16 (one launch per chunk and block, targets shifted
+    to the block); at the end
+    each block is cast and freed in turn and the pieces concatenated (``2 V D e <= V D 4``), so the cast
+    costs ``R D e``, not ``V D e``. For fp32 the accumulator is returned as the gradient: no cast, no copy.
+    The unchunked CPU path keeps ``dW`` in the weight's dtype (fp32 only per vocab block), which is why
+    chunking pays there only when ``(N - n) D 4 > V D (4 - e) + W``. ``W``: the CPU blocks, at most
+    ``CPU_LIVE_BLOCKS`` of ``CPU_BLOCK_ELEMENTS`` fp32 (24 MiB); ``O(N)`` terms (upstream gradients, the
+    statistics) left out. Measured in tests/test_linear_memory.py. Rare copies, both forms: a ``hidden``
+    whose leading dims do not merge into ``[A, B]`` is copied whole (``N D e``); on the CPU path a chunk
+    whose rows do not flatten is copied (``n D e``, the unchunked op ``N D e``).
+
+    Example, Qwen2.5-7B lm_head (``V = 152064``, ``D = 3584``), bf16, ``N = 131072``, ``n = 8192``
+    (``R = 16384``, 10 blocks): gradients 2.03 GB; Triton backward peak unchunked 5.00 GB
+    (``4 N > e V``: the fp32 ``dh`` and its cast), chunked 3.24 GB (``4 n = e R``), a saving of
+    ``(N - n) D 4`` = 1.76 GB. CPU:
+    unchunked 3.91 GB, chunked 3.24 GB + ``W``. In fp32: 4.06 GB both ways. Every chunk is a separate
+    launch per ``dW`` block (``ceil(N / n) ceil(V / R)`` of them): choose ``n`` in the thousands on a GPU.
+    Neither form ever holds ``[N, V]`` logits.
     """
     check_lm_head(hidden, weight, bias)
     size = _check_chunk_size(token_chunk_size)

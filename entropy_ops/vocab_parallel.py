@@ -44,7 +44,7 @@ from ._layout import as_rows3d
 from ._validation import (
     check_finite_rows,
     check_float_tensor,
-    check_same_dtype_device,
+    check_lm_head,
     check_softcap,
     check_targets,
     check_temperature,
@@ -274,25 +274,6 @@ def _check_vocab_start(vocab_start) -> int:
     if vocab_start < 0:
         raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
     return vocab_start
-
-
-def check_lm_head(hidden, weight, bias, weight_name: str = "weight", bias_name: str = "bias") -> None:
-    """``hidden [..., D]``, ``weight [V, D]`` (V >= 1), ``bias [V]`` or ``None``: float, same dtype and device.
-
-    (The checks of ``linear_logprobs_and_entropy``, with the argument names of the caller.)
-    """
-    check_float_tensor("hidden", hidden)
-    check_float_tensor(weight_name, weight)
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
-        raise ValueError(f"{weight_name} must have shape [V, D] with V >= 1 and D = hidden.shape[-1] = "
-                         f"{hidden.shape[-1]}, got {tuple(weight.shape)}")
-    check_same_dtype_device(weight_name, weight, "hidden", hidden)
-    if bias is not None:
-        check_float_tensor(bias_name, bias)
-        if bias.shape != weight.shape[:1]:
-            raise ValueError(f"{bias_name} must have shape [V] = [{weight.shape[0]}] ({weight_name}.shape[0]), "
-                             f"got {tuple(bias.shape)}")
-        check_same_dtype_device(bias_name, bias, "hidden", hidden)
 
 
 def check_shard_layout(vocab_start: int, n_local: int, group, device: torch.device) -> int:

@@ -105,6 +105,74 @@ def test_chunked_linear_triton_interpreter():
     compare(got, want, torch.float32, "triton vs oracle")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_chunked_linear_triton_interpreter_blocks_and_ignore_minus_one(dtype):
+    """Triton path in bf16: the fp32 dW is split into vocab blocks (several launches per chunk with shifted
+    targets; ``ignore_index=-1``, so ids elsewhere become -2), dh cast per chunk; fp32: dh added in place."""
+    from entropy_ops.token_chunking import _dw_block_rows
+
+    B, T, D, V, chunk = 2, 5, 16, 40, 3
+    rows = _dw_block_rows(V, chunk, 2)
+    assert -(-V // rows) >= 3  # bf16: three or more dW blocks
+    hidden, weight, b, targets, g_logp, g_H = make_inputs(B, T, D, V, dtype, seed_of("triton-blocks", dtype))
+    targets[targets == IGNORE] = -1
+    targets[0, 1], targets[1, 2], targets[1, 3] = rows - 1, rows, 2 * rows - 1  # ids next to block edges: y - v0 = -1
+    opts = dict(temperature=0.9, logit_softcap=5.0, ignore_index=-1, backend="triton")
+    needs = (True, True, True)
+    got = run(lambda h, w, bb: chunked_linear_logprobs_and_entropy(h, w, targets, bias=bb, token_chunk_size=chunk,
+                                                                   **opts), (hidden, weight, b), needs, g_logp, g_H)
+    assert [x.dtype for x in got[2]] == [dtype] * 3
+    plain = run(lambda h, w, bb: linear_logprobs_and_entropy(h, w, targets, bias=bb, **opts),
+                (hidden, weight, b), needs, g_logp, g_H)
+    compare(got, plain, dtype, "triton vs unchunked triton", TOL[torch.float32]["fwd"])
+    ref_targets = torch.where(targets == -1, IGNORE, targets)
+    want = run(lambda h, w, bb: reference(h, w, bb, ref_targets, 0.9, 5.0),
+               (hidden.double(), weight.double(), b.double()), needs, g_logp, g_H)
+    compare(got, want, dtype, "triton vs oracle")
+    assert bool((got[2][0][targets == -1] == 0).all()), "ignored rows must get a zero d hidden"
+
+
+def test_chunked_linear_fp64_torch_in_place_dh():
+    """fp64 on the CPU path: dh, dW, db accumulate in fp64 (dh straight into the gradient), to 1e-10."""
+    hidden, weight, b, targets, g_logp, g_H = make_inputs(3, 7, 12, 29, torch.float64, seed_of("fp64"))
+    opts = dict(temperature=1.2, ignore_index=IGNORE, backend="torch")
+    needs = (True, True, True)
+    got = run(lambda h, w, bb: chunked_linear_logprobs_and_entropy(h, w, targets, bias=bb, token_chunk_size=4,
+                                                                   **opts), (hidden, weight, b), needs, g_logp, g_H)
+    assert got[0].dtype == torch.float64 and [x.dtype for x in got[2]] == [torch.float64] * 3
+    want = run(lambda h, w, bb: reference(h, w, bb, targets, 1.2, None), (hidden, weight, b), needs, g_logp, g_H)
+    compare(got, want, torch.float64, "fp64 vs oracle")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_backward_adds_into_caller_buffers(backend):
+    """``linear_backward(..., dh_out=, dw_out=, db_out=)`` adds the launch's gradients to what the buffers
+    hold and returns those very buffers (no fresh [V, D]); wrong buffers raise, naming the argument."""
+    from entropy_ops.linear_ops import LinearOpParams, linear_backward, linear_forward
+
+    hidden, weight, b, targets, g_logp, g_H = make_inputs(1, 9, 16, 37, torch.float32, seed_of("out", backend))
+    h2d, flat = hidden.reshape(-1, 16), targets.reshape(-1)
+    params = LinearOpParams(temperature=0.8, ignore_index=IGNORE, backend=backend, logit_softcap=3.0)
+    _, _, stats = linear_forward(h2d, weight, b, flat, params)
+    args = (h2d, weight, b, flat, stats, g_logp.reshape(-1), g_H.reshape(-1), params, (True, True, True))
+    fresh = linear_backward(*args)
+    g = torch.Generator().manual_seed(seed_of("prefill", backend))
+    before = [torch.randn(x.shape, generator=g) for x in fresh]
+    outs = [x.clone() for x in before]
+    got = linear_backward(*args, dh_out=outs[0], dw_out=outs[1], db_out=outs[2])
+    for name, ret, out, pre, new in zip(("dh", "dW", "db"), got, outs, before, fresh):
+        assert ret is out, f"{name}: the caller's buffer must be returned"
+        assert_close(out - pre, new, 1e-5, f"{name} added", rowwise=out.dim() == 2)
+        assert float(new.abs().max()) > 0.0
+    with pytest.raises(TypeError, match="dw_out must have dtype torch.float32"):
+        linear_backward(*args, dw_out=torch.zeros(37, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"db_out must have shape \(37,\)"):
+        linear_backward(*args, db_out=torch.zeros(36))
+    if backend == "triton":
+        with pytest.raises(ValueError, match="dh_out must be contiguous"):
+            linear_backward(*args, dh_out=torch.zeros(16, 9).t())
+
+
 def test_token_chunks_cover_rows_once():
     x = torch.arange(4 * 7).view(4, 7, 1)
     for size in (1, 3, 7, 10, 15, 100):
