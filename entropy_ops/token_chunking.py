@@ -34,6 +34,7 @@ from .linear_ops import (
     linear_logprobs_and_entropy,
 )
 from .token_ops import token_logprobs_and_entropy
+from .vocab_parallel import shard_targets  # a block of vocab rows is addressed as a vocab shard
 
 
 def _check_chunk_size(token_chunk_size) -> int:
@@ -166,16 +167,6 @@ def _dw_block_rows(n_vocab: int, chunk: int, elem: int) -> int:
     return min(n_vocab, -(-rows // 16) * 16)
 
 
-def _block_targets(targets: torch.Tensor, v0: int, v1: int, ignore_index: int) -> torch.Tensor:
-    """``targets`` as ids of the weight rows ``[v0, v1)``: ``y - v0`` where ``y`` lies there, ``ignore_index``
-    kept, and for other kept rows a negative id that is not ``ignore_index`` (it matches no column: the row
-    keeps its ``-p_i`` terms and gets no ``+ g_logp``; as ``vocab_parallel.shard_targets``)."""
-    elsewhere = -1 if ignore_index != -1 else -2
-    inside = (targets >= v0) & (targets < v1)
-    other = torch.where(targets == ignore_index, targets, torch.full_like(targets, elsewhere))
-    return torch.where(inside, targets - v0, other)
-
-
 class ChunkedLinearLogprobsEntropy(torch.autograd.Function):
     """``linear_logprobs_and_entropy`` over token chunks; every chunk's launches add its ``dW``/``db`` into
     one fp32 accumulator (``dw_out``/``db_out``; for a 16-bit weight ``dW``'s is split into vocab blocks,
@@ -246,7 +237,7 @@ class ChunkedLinearLogprobsEntropy(torch.autograd.Function):
                     _launch_backward(
                         h_c, weight if whole else weight[v0:v1],
                         bias if bias is None or whole else bias[v0:v1],
-                        t_c if whole else _block_targets(t_c, v0, v1, op.ignore_index), st_c, *g_c, op, needs,
+                        t_c if whole else shard_targets(t_c, v0, v1 - v0, op.ignore_index)[1], st_c, *g_c, op, needs,
                         dh_out=dh_c, dw_out=dw_part, db_out=None if db is None else db[v0:v1])
                 if dh is not None and not dh_direct:
                     dh3d[index].copy_(dh_c.view(dh3d[index].shape))  # fp32 chunk -> hidden's dtype

@@ -258,14 +258,18 @@ class VocabParallelLinearLogprobsEntropy(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- validation
-def _group_and_size(process_group):
+def _group_and_size(process_group, vocab_start: int):
+    """``(group, world size)``; a group of one rank owns the whole vocabulary, so ``vocab_start`` must be 0."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(
             "vocab-parallel ops need torch.distributed to be initialized (torch.distributed.init_process_group) "
             "before the call; for one process use token_logprobs_and_entropy / linear_logprobs_and_entropy"
         )
     group = dist.group.WORLD if process_group is None else process_group
-    return group, dist.get_world_size(group)
+    world = dist.get_world_size(group)
+    if world == 1 and vocab_start != 0:
+        raise ValueError(f"vocab_start must be 0 in a group of one rank, got {vocab_start}")
+    return group, world
 
 
 def _check_vocab_start(vocab_start) -> int:
@@ -331,10 +335,8 @@ def vocab_parallel_logprobs_and_entropy(
     check_float_tensor("logits_shard", logits_shard)
     temperature = check_temperature(temperature)
     vocab_start = _check_vocab_start(vocab_start)
-    group, world = _group_and_size(process_group)
+    group, world = _group_and_size(process_group, vocab_start)
     if world == 1:
-        if vocab_start != 0:
-            raise ValueError(f"vocab_start must be 0 in a group of one rank, got {vocab_start}")
         return token_logprobs_and_entropy(logits_shard, targets, temperature=temperature,
                                           ignore_index=ignore_index, backend=backend)
     n_classes = check_shard_layout(vocab_start, logits_shard.shape[-1], group, logits_shard.device)
@@ -384,10 +386,8 @@ def vocab_parallel_linear_logprobs_and_entropy(
     temperature = check_temperature(temperature)
     logit_softcap = check_softcap(logit_softcap)
     vocab_start = _check_vocab_start(vocab_start)
-    group, world = _group_and_size(process_group)
+    group, world = _group_and_size(process_group, vocab_start)
     if world == 1:
-        if vocab_start != 0:
-            raise ValueError(f"vocab_start must be 0 in a group of one rank, got {vocab_start}")
         return linear_logprobs_and_entropy(hidden, weight_shard, targets, bias=bias_shard, temperature=temperature,
                                            ignore_index=ignore_index, logit_softcap=logit_softcap, backend=backend)
     n_classes = check_shard_layout(vocab_start, weight_shard.shape[0], group, hidden.device)
