@@ -77,6 +77,8 @@ class TrainConfig:
     save_every: int = _f(100, "Save a checkpoint every N steps (0: only at the end and on Ctrl-C).")
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk (the oldest are deleted).")
     resume: bool = _f(False, "Continue from the last checkpoint in output_dir.")
+    overwrite: bool = _f(False, "Start afresh in an output_dir that holds a run: the old run is moved into "
+                                "output_dir/previous-<time>/ (nothing is deleted).")
     # --- system
     seed: int = _f(0, "Seed of prompt order, sampling and initialization.")
     device: str = _f("auto", "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'.")
@@ -167,6 +169,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.resume and self.output_dir is None:
             raise ValueError("resume needs output_dir: the run directory to continue")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run in output_dir, "
+                             "overwrite moves it aside and starts afresh")
         _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("backend", self.backend, ("auto", "triton", "torch"))
