@@ -7,10 +7,17 @@ Precedence: the dataclass defaults, then the YAML file, then ``--key=value``
 overrides (any ``TrainConfig`` field; ``--loss.eps_high=0.28`` sets one entry of
 a mapping), then the named flags. With no arguments, ``entropy-ops train`` runs
 GRPO on the embedded tiny model and arithmetic task.
+
+Before any model loads, the run folder and the models are checked
+(``grpo_trainer.check_before_loading``): a folder that already holds a run is
+refused unless ``--resume`` continues it or ``--overwrite`` moves it aside, and
+every such error is one line naming the argument. After Ctrl-C the command that
+continues the run is printed.
 """
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from .config import TrainConfig
@@ -25,12 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "(see --print-config); values are parsed as YAML.",
     )
     train.add_argument("--config", help="YAML file of config fields")
-    train.add_argument("--algo", help="algorithm (grpo, dr-grpo, rloo, ...)")
+    from .algorithms import ALGORITHMS
+
+    train.add_argument("--algo", help=f"algorithm, one of: {', '.join(ALGORITHMS)} (default: grpo)")
     train.add_argument("--model", help="Hugging Face model name or local path (default: the embedded tiny-arith)")
     train.add_argument("--output-dir", help="run directory (default: runs/<algo>-<date>-<time>)")
     train.add_argument("--max-steps", type=int, help="training steps")
     train.add_argument("--seed", type=int, help="random seed")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an --output-dir that holds a run: the old run is moved into "
+                            "OUTPUT_DIR/previous-<time>/ (nothing is deleted)")
     train.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     # These two parse their own arguments (entropy-ops compare --help, entropy-ops generate --help).
     sub.add_parser("compare", add_help=False, help="train several algorithms side by side; plot and tabulate")
@@ -64,7 +76,27 @@ def resolve_config(args: argparse.Namespace, extra: list[str]) -> TrainConfig:
             config.set(key, getattr(args, key))
     if args.resume:
         config.resume = True
+    if args.overwrite:
+        config.overwrite = True
     return config.validate()
+
+
+def resume_command(argv: list[str], output_dir: str) -> str:
+    """The ``entropy-ops train`` command line that continues the run: ``argv`` with ``--output-dir D --resume``."""
+    out, i = [], 0
+    drop_with_value = ("--output-dir", "--output_dir")
+    while i < len(argv):
+        item = argv[i]
+        name = item.split("=", 1)[0]
+        if name in drop_with_value:
+            i += 1 if "=" in item else 2
+            continue
+        if name in ("--resume", "--overwrite"):
+            i += 1
+            continue
+        out.append(item)
+        i += 1
+    return shlex.join(["entropy-ops", *out, "--output-dir", output_dir, "--resume"])
 
 
 def config_yaml(config: TrainConfig) -> str:
@@ -96,11 +128,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         config = resolve_config(args, extra)
-    except (ValueError, TypeError) as e:  # config errors: a message, not a traceback
+        if args.print_config:
+            sys.stdout.write(config_yaml(config))
+            return 0
+        from .grpo_trainer import check_before_loading
+        from .run_folder import default_output_dir
+
+        if config.output_dir is None:  # fixed now, so that the resume command can name it
+            config.output_dir = default_output_dir(config.algo)
+        check_before_loading(config)
+    except (ValueError, TypeError) as e:  # a message naming the argument, not a traceback
         parser.exit(2, f"entropy-ops train: error: {e}\n")
-    if args.print_config:
-        sys.stdout.write(config_yaml(config))
-        return 0
     from transformers.utils import logging as hf_logging
 
     from .distributed import shutdown
@@ -116,11 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130 if summary["interrupted"] else 0
     for name in ("first_eval", "last_eval"):
         ev = summary.get(name)
-        if ev:
+        label = "before" if name == "first_eval" else "after"
+        if name == "last_eval" and ev is not None and ev["step"] != summary["steps"]:
+            print(f"held-out {label}: not evaluated at step {summary['steps']} (the last evaluation ran at "
+                  f"step {ev['step']})")
+        elif ev:
             shown = {k: round(v, 4) for k, v in ev.items() if k.startswith("eval/") and "correct" in k or k == "step"}
-            print(f"held-out {'before' if name == 'first_eval' else 'after'}: {shown}")
+            print(f"held-out {label}: {shown}")
     if "world_size" in summary:
         print(f"data parallel: {summary['world_size']} processes, replicas identical: "
               f"{summary['replica_max_abs_diff'] == 0.0} (max |difference| {summary['replica_max_abs_diff']:.3g})")
     print(f"run directory: {summary['output_dir']}  ({summary['steps']} steps, {summary['wall_s']} s)")
+    if summary["interrupted"]:
+        print(f"stopped at step {summary['steps']}; continue with: {resume_command(argv, summary['output_dir'])}")
     return 130 if summary["interrupted"] else 0

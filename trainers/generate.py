@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -94,6 +95,15 @@ def check_args(args) -> None:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k < 0:
         raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.prompts_file is not None and not os.path.isfile(args.prompts_file):
+        raise ValueError(f"--prompts-file {args.prompts_file!r} does not exist")
+    if args.output is not None:
+        parent = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(parent):
+            raise ValueError(f"--output {args.output!r}: directory {parent!r} does not exist")
+    from .preflight import check_model_available
+
+    check_model_available("--model", args.model)  # before anything loads; a Hub name: one quick request
 
 
 def build_processor(args):

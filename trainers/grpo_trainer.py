@@ -42,18 +42,23 @@ import torch
 
 from .advantages import groups_with_signal
 from .algorithms import Algorithm, RolloutBatch, get_algorithm
-from .checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (checkpoint_run_id, latest_checkpoint, load_state, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import TrainConfig
 from .distributed import (all_reduce_sum, any_rank, broadcast_parameters, gather_objects,
                           init_distributed, replica_max_abs_diff, shard_rows, sum_gradients)
 from .evaluation import evaluate
+from .fsdp import apply as apply_fsdp
 from .interrupt import GracefulStop
 from .logging_utils import EVAL_KEYS, MetricsLogger, format_line, peak_memory_mib, plot_metrics, read_metrics
 from .model import (choose_attn_implementation, choose_device, choose_dtype, completion_hidden, lm_head_of,
                     load_model, load_tokenizer)
+from .preflight import check_model_available
 from .rewards import MathCorrectness, build_rewards
 from .rollout import Rollout, make_engine, sequence_inputs
-from .tasks import PromptSampler, arithmetic_task, load_jsonl
+from .run_folder import (check_run_folder, default_output_dir, move_run_aside, new_run_id, read_run_id,
+                         write_run_file)
+from .tasks import TASKS, PromptSampler, load_jsonl, task_rows
 
 IGNORE = -100
 
@@ -84,8 +89,8 @@ def auto_threads(model, device) -> int | None:
 
 def load_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
     """``(train_rows, eval_rows)`` of the configured dataset."""
-    if config.dataset == "arithmetic":
-        train, held_out = arithmetic_task(digits=config.arithmetic_digits, num_eval=config.num_eval_prompts)
+    if config.dataset in TASKS:
+        train, held_out = task_rows(config.dataset, num_eval=config.num_eval_prompts, digits=config.arithmetic_digits)
     else:
         train, held_out = load_jsonl(config.dataset), []
     if config.eval_dataset is not None:
@@ -93,11 +98,25 @@ def load_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
     return train, held_out
 
 
+def check_before_loading(config: TrainConfig) -> str:
+    """The checks that need no model: the run folder (see ``run_folder.py``) and the models' availability.
+
+    Raises ``ValueError`` naming the field; reads only. Returns the output directory.
+    """
+    output_dir = config.output_dir or default_output_dir(config.algo)
+    check_run_folder(output_dir, resume=config.resume, overwrite=config.overwrite)
+    check_model_available("model", config.model)
+    if config.ref_model is not None:
+        check_model_available("ref_model", config.ref_model)
+    return output_dir
+
+
 class Trainer:
     """Builds everything from a :class:`TrainConfig` (validated first) and runs :meth:`train`."""
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = cfg = config.validate()
+        self.output_dir = check_before_loading(cfg)
         from entropy_ops.linear_ops import linear_logprobs_and_entropy
         from entropy_ops.policy_loss import policy_loss
 
@@ -107,16 +126,15 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", self.dist.local_rank)  # one GPU per process
         shard_rows(list(range(cfg.num_prompts)), self.dist)  # num_prompts divisible by the world size
-        self.output_dir = cfg.output_dir or os.path.join("runs", f"{cfg.algo}-{time.strftime('%Y%m%d-%H%M%S')}")
         self.algorithm: Algorithm = get_algorithm(cfg.algo, **cfg.algo_options)
-        self.custom_loss = type(self.algorithm).loss is not Algorithm.loss
+        self.custom_loss = self.algorithm.has_custom_loss
         self.reward_fn = build_rewards(cfg.rewards, answer_format=cfg.answer_format, max_new_tokens=cfg.max_new_tokens)
         self.correctness = MathCorrectness(cfg.answer_format)
         self.train_rows, self.eval_rows = load_rows(cfg)
 
         resume_from = latest_checkpoint(self.output_dir) if cfg.resume else None
-        if cfg.resume and resume_from is None:
-            print(f"resume: no checkpoint in {self.output_dir}, starting from step 0", file=sys.stderr)
+        if cfg.resume and resume_from is None and self.dist.is_main:
+            print(f"resume: no checkpoint in {self.output_dir}, starting a new run from step 0", file=sys.stderr)
         random.seed(cfg.seed + self.dist.rank)  # rank 0's streams are the single-process ones
         torch.manual_seed(cfg.seed + self.dist.rank)
         dtype = choose_dtype(cfg.dtype, self.device)
@@ -135,6 +153,8 @@ class Trainer:
             self.ref_model = load_model(cfg.ref_model or cfg.model, device=self.device, dtype=dtype,
                                         attn_implementation=attn).requires_grad_(False)
         self.engine = make_engine(cfg.rollout_engine, self.model, self.tokenizer, **cfg.rollout_engine_options)
+        # parallelism 'fsdp': shard the model (before the optimizer), route head, engine and losses through it
+        self.fsdp = apply_fsdp(self) if cfg.parallelism == "fsdp" else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
@@ -143,7 +163,10 @@ class Trainer:
         self.step = 0
         if resume_from is not None:
             state = load_state(resume_from)
-            self.optimizer.load_state_dict(state["optimizer"])
+            if self.fsdp is not None:
+                self.fsdp.load_optimizer_state(self.optimizer, state["optimizer"])
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.sampler.load_state_dict(state["sampler"])
             ranks = state.get("rng_ranks")
@@ -156,15 +179,31 @@ class Trainer:
             self.step = int(state["step"])
         self.resumed_from = resume_from
         self.logger = None  # rank 0 alone logs and writes files
-        log_path = os.path.join(self.output_dir, "metrics.jsonl")
+        self.run_id = None
         if self.dist.is_main:
-            os.makedirs(self.output_dir, exist_ok=True)
-            if resume_from is not None and os.path.isfile(log_path):  # forget steps logged after the checkpoint
-                kept = [r for r in read_metrics(log_path) if r["step"] <= self.step]
-                with open(log_path, "w", encoding="utf-8") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in kept)
-            self.logger = MetricsLogger(log_path, append=resume_from is not None)
-            _write_yaml(os.path.join(self.output_dir, "config.yaml"), cfg.to_dict())
+            self.run_id = self._open_run_folder(resume_from)
+
+    def _open_run_folder(self, resume_from: str | None) -> str:
+        """Create (or continue) the run folder, its ``run.json`` and the metrics log. Returns the run id."""
+        cfg, log_path = self.config, os.path.join(self.output_dir, "metrics.jsonl")
+        if cfg.overwrite:
+            moved = move_run_aside(self.output_dir)
+            if moved:
+                print(f"overwrite: the previous run in {self.output_dir} was moved to {moved}", file=sys.stderr)
+        os.makedirs(self.output_dir, exist_ok=True)
+        run_id = None
+        if resume_from is not None:  # continue the run's id (a checkpoint from before run ids: a new one)
+            run_id = read_run_id(self.output_dir) or checkpoint_run_id(resume_from)
+            print(f"resuming from {resume_from} (step {self.step})")
+        if run_id is None:
+            run_id = new_run_id()
+            write_run_file(self.output_dir, run_id, algo=cfg.algo, seed=cfg.seed, model=cfg.model,
+                           resumed_from=resume_from)
+        self.logger = MetricsLogger(log_path, append=True)  # never truncated
+        if resume_from is not None:  # rows logged after the checkpoint are superseded, not deleted
+            self.logger.log(self.step, "resume", {"checkpoint": os.path.basename(resume_from), "run_id": run_id})
+        _write_yaml(os.path.join(self.output_dir, "config.yaml"), cfg.to_dict())
+        return run_id
 
     # ------------------------------------------------------------------ scoring
     def fused_logprobs(self, model, head, rollout: Rollout, *, with_grad: bool, rows: slice, entropy: bool = True):
@@ -271,6 +310,7 @@ class Trainer:
             raise ValueError(f"algorithm {self.algorithm.name!r} returned advantages of shape {tuple(adv.shape)}, "
                              f"expected ({B},) or ({B}, {T})")
         adv = adv.float().to(self.device)
+        metrics.update(self.algorithm.step_metrics(batch, adv))  # the algorithm's mechanism check
         metrics.update({"advantage/mean": adv.mean(), "advantage/std": adv.std(), "advantage/min": adv.min(),
                         "advantage/max": adv.max()})
         t1 = time.perf_counter()
@@ -303,7 +343,8 @@ class Trainer:
         it takes part in the reductions with zero gradients.
         """
         cfg = self.config
-        per_token = self.custom_loss or self.loss_config.aggregation == "token-mean"
+        per_token = (self.algorithm.loss_aggregation == "token") if self.custom_loss else (
+            self.loss_config.aggregation == "token-mean")
         if batch is not None:
             mask = batch.completion_mask
             targets = rollout.completion_ids.masked_fill(~mask, IGNORE)
@@ -352,7 +393,8 @@ class Trainer:
         ref = None if ref_logp is None else ref_logp[rows]
         if self.custom_loss:  # e.g. EM-FT: the algorithm's own loss on (logp, H) from the fused op
             logp, H = self.fused_logprobs(self.model, self.head, rollout, with_grad=True, rows=rows)
-            return self.algorithm.loss(logp, H, batch.completion_mask[rows], ref)
+            return self.algorithm.loss(logp, H, batch.completion_mask[rows], ref, advantages=adv[rows],
+                                       old_logprobs=batch.old_logprobs[rows])
         ids, attn, pos = sequence_inputs(rollout.prompt_ids[rows], rollout.prompt_mask[rows],
                                          rollout.completion_ids[rows], rollout.completion_mask[rows])
         hidden = completion_hidden(self.model, ids, attn, pos, rollout.prompt_ids.shape[1])
@@ -370,34 +412,41 @@ class Trainer:
     def save(self) -> str:
         """Write a checkpoint (rank 0; every rank contributes its random state). Returns its path ("" off rank 0)."""
         rng_ranks = gather_objects(rng_state(), self.dist)
+        full = self.fsdp.checkpoint_parts(self.optimizer) if self.fsdp is not None else None  # every rank gathers
         if not self.dist.is_main:
             return ""
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        model, optimizer_state = full if full is not None else (self.model, self.optimizer.state_dict())
+        state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                  "sampler": self.sampler.state_dict(), "rng": rng_ranks[0]}
         if self.dist.enabled:
             state["rng_ranks"] = rng_ranks
-        return save_checkpoint(self.output_dir, self.step, model=self.model, tokenizer=self.tokenizer, state=state,
-                               keep=self.config.keep_checkpoints)
+        return save_checkpoint(self.output_dir, self.step, model=model, tokenizer=self.tokenizer, state=state,
+                               keep=self.config.keep_checkpoints, run_id=self.run_id)
 
     def train(self) -> dict:
         """Run to ``max_steps`` (evaluating, logging, saving); Ctrl-C saves a checkpoint, then stops.
 
-        Returns a summary: first and last evaluation, steps, wall time, output paths, ``interrupted``
-        (and, in a distributed run, ``replica_max_abs_diff``: 0.0 when the replicas stayed identical).
+        After Ctrl-C the checkpoint is saved first, then the held-out set is evaluated at the stop
+        (a second Ctrl-C skips that evaluation). Returns a summary: first and last evaluation, steps,
+        wall time, output paths, ``interrupted``, ``resumed_from`` (and, in a distributed run,
+        ``replica_max_abs_diff``: 0.0 when the replicas stayed identical).
         """
         from tqdm.auto import tqdm
 
         cfg, main = self.config, self.dist.is_main
         t0 = time.perf_counter()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{cfg.algo}", dynamic_ncols=True, disable=not main)
+        # A progress bar only on a terminal: written to a file, its redraws are unreadable (the
+        # metrics lines every log_every steps are the progress there).
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{cfg.algo}", dynamic_ncols=True,
+                   disable=not main or not _is_terminal(sys.stderr))
         logged = read_metrics(self.logger.path) if self.resumed_from and main else []
         last_eval = self.step if any(r["kind"] == "eval" and r["step"] == self.step for r in logged) else None
         last_saved = self.step if self.resumed_from else None  # the checkpoint we started from
-        evaluating = bool(self.eval_rows) and main
+        evaluating = bool(self.eval_rows) and (main or self.fsdp is not None)  # FSDP: every rank runs the shards
         stopped = False
         with GracefulStop() as stop:
             try:
-                if self.step == 0 and evaluating:
+                if self.step == 0 and evaluating and cfg.eval_at_start:
                     self._log_eval(bar)
                     last_eval = self.step
                 while self.step < cfg.max_steps:
@@ -425,12 +474,18 @@ class Trainer:
                     path = self.save()
                     if main:
                         bar.write(f"saved {path}")
+                if stopped and evaluating and last_eval != self.step:  # the checkpoint is safe: now evaluate
+                    bar.write(f"evaluating the held-out set at step {self.step} (Ctrl-C again skips it)")
+                    try:
+                        self._log_eval(bar)
+                    except KeyboardInterrupt:
+                        bar.write("held-out evaluation at the stop skipped")
             finally:
                 bar.close()
                 if self.logger is not None:
                     self.logger.close()
         summary = {"output_dir": self.output_dir, "steps": self.step, "wall_s": round(time.perf_counter() - t0, 1),
-                   "interrupted": stopped}
+                   "interrupted": stopped, "resumed_from": self.resumed_from, "run_id": self.run_id}
         if self.dist.enabled:
             summary.update(world_size=self.dist.world_size, replica_max_abs_diff=replica_max_abs_diff(self.model, self.dist))
         if not main:
@@ -438,15 +493,25 @@ class Trainer:
         evals = [r for r in read_metrics(self.logger.path) if r["kind"] == "eval"]  # a resumed run's too
         summary.update(first_eval=evals[0] if evals else None, last_eval=evals[-1] if evals else None)
         if cfg.plot:
-            summary["plot"] = plot_metrics(self.logger.path, os.path.join(self.output_dir, "metrics.png"))
+            title = f"{self.output_dir}: {self.algorithm.name}, seed {cfg.seed}, {self.step} steps"
+            summary["plot"] = plot_metrics(self.logger.path, os.path.join(self.output_dir, "metrics.png"), title=title)
         with open(os.path.join(self.output_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
         return summary
 
     def _log_eval(self, bar) -> None:
         metrics = self.evaluate()
+        if self.logger is None:  # FSDP, rank > 0: took part in the sharded forward passes only
+            return
         self.logger.log(self.step, "eval", metrics)
         bar.write(format_line(self.step, metrics, EVAL_KEYS) + "  (held-out)")
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
 
 
 def _write_yaml(path: str, values: dict) -> None:

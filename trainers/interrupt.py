@@ -1,4 +1,4 @@
-"""Ctrl-C during training: finish the step, save a checkpoint, stop (a second Ctrl-C aborts)."""
+"""Ctrl-C during training: finish the step, save a checkpoint, evaluate, stop (a second Ctrl-C aborts)."""
 from __future__ import annotations
 
 import signal
@@ -17,8 +17,8 @@ class GracefulStop:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again aborts without saving)",
-              file=sys.stderr)
+        print("\nCtrl-C: finishing this step, then saving a checkpoint and evaluating the held-out set "
+              "(Ctrl-C again aborts the save, or skips the evaluation once the checkpoint is saved)", file=sys.stderr)
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():

@@ -1,4 +1,10 @@
-"""Metrics: one JSON line per step (and per evaluation), a short stdout line, and the end-of-run plot."""
+"""Metrics: one JSON line per step (and per evaluation), a short stdout line, and the end-of-run plot.
+
+``metrics.jsonl`` is only ever appended to. A resumed run first appends a
+``{"kind": "resume", "step": s}`` row: rows logged before it with a step after
+``s`` (logged after the checkpoint it resumed from) are kept in the file but
+superseded, and :func:`read_metrics` leaves them out.
+"""
 from __future__ import annotations
 
 import json
@@ -9,10 +15,11 @@ import sys
 
 import torch
 
-# What the stdout line shows (key -> label), when present; the JSONL file has everything.
-LINE_KEYS = {"reward/mean": "reward", "reward/std": "reward_std", "advantage/std": "adv_std", "loss/loss": "loss",
-             "entropy": "entropy", "completion_length/mean": "len", "loss/clip_frac_high": "clip_high",
-             "grad_norm": "grad_norm", "throughput/tokens_per_s": "tok/s", "time/step_s": "s/step"}
+# What the stdout line shows (key -> label), when present; the JSONL file has everything. Not the loss:
+# on-policy (one pass per batch) the clipped surrogate's value is ~0 whatever is learned (its gradient is not).
+LINE_KEYS = {"reward/mean": "reward", "correct_frac": "acc", "entropy": "entropy",
+             "completion_length/mean": "len", "loss/clip_frac_low": "clip_low", "loss/clip_frac_high": "clip_high",
+             "loss/kl_ref": "kl", "grad_norm": "grad_norm", "time/step_s": "s/step"}
 EVAL_KEYS = {"eval/greedy_correct": "greedy_acc", "eval/sampled_correct": "sampled_acc",
              "eval/sampled_reward": "sampled_reward", "eval/entropy": "entropy"}
 
@@ -38,10 +45,12 @@ def _plain(value):
 class MetricsLogger:
     """Appends one JSON object per call to ``path`` (``{"step": ..., "kind": "train"|"eval", ...}``)."""
 
-    def __init__(self, path: str, *, append: bool) -> None:
+    def __init__(self, path: str, *, append: bool = True) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if not append and os.path.exists(path):
+            raise FileExistsError(f"{path} exists: metrics are appended to it, never truncated")
         self.path = path
-        self._file = open(path, "a" if append else "w", encoding="utf-8")
+        self._file = open(path, "a", encoding="utf-8")
 
     def log(self, step: int, kind: str, metrics: dict) -> None:
         row = {"step": step, "kind": kind, **{k: _plain(v) for k, v in metrics.items()}}
@@ -62,13 +71,22 @@ def format_line(step: int, metrics: dict, keys: dict = LINE_KEYS) -> str:
     return "  ".join(parts)
 
 
-def read_metrics(path: str) -> list[dict]:
+def read_metrics(path: str, *, raw: bool = False) -> list[dict]:
+    """The rows of a ``metrics.jsonl``; unless ``raw``, without those a later resume superseded."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = [json.loads(line) for line in f if line.strip()]
+    if raw:
+        return rows
+    out: list[dict] = []
+    for row in rows:
+        if row.get("kind") == "resume":
+            out = [r for r in out if r["step"] <= row["step"]]
+        out.append(row)
+    return out
 
 
-def plot_metrics(jsonl_path: str, png_path: str) -> str:
-    """Reward (training mean, held-out greedy and sampled) and entropy over steps, as a PNG."""
+def plot_metrics(jsonl_path: str, png_path: str, title: str | None = None) -> str:
+    """Reward (training mean, held-out greedy and sampled) and entropy over steps, as a PNG titled ``title``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -78,6 +96,8 @@ def plot_metrics(jsonl_path: str, png_path: str) -> str:
     fig = Figure(figsize=(8, 6), dpi=110)
     FigureCanvasAgg(fig)
     ax_r, ax_h = fig.subplots(2, 1, sharex=True)
+    if title:
+        fig.suptitle(title, fontsize=10)
     if train:
         steps = [r["step"] for r in train]
         ax_r.plot(steps, [r["reward/mean"] for r in train], color="tab:blue", alpha=0.35, lw=1,

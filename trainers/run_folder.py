@@ -1,0 +1,120 @@
+"""The run folder: which files belong to a run, and the checks made before a run touches it.
+
+A run folder (``--output-dir``) holds one run: ``run.json`` (its id, written
+when it starts), ``config.yaml``, ``metrics.jsonl``, ``metrics.png``,
+``summary.json`` and ``checkpoint-NNNNNN/`` directories, each of which records
+the run id it was written by. The rules:
+
+- a new run refuses a folder that already holds a run, unless it is told to
+  continue it (``resume``) or to move it aside (``overwrite``: the old run's
+  files go into ``OUTPUT_DIR/previous-<date>-<time>/``; nothing is deleted);
+- a resumed run keeps the run id of the run it continues and appends to its
+  ``metrics.jsonl`` (a ``{"kind": "resume"}`` row marks where it restarted);
+- checkpoint pruning only ever deletes checkpoints carrying the current run id.
+
+Every check here reads only; nothing is created until the model has loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import uuid
+
+RUN_FILE = "run.json"
+RUN_FILES = (RUN_FILE, "config.yaml", "metrics.jsonl", "metrics.png", "summary.json")
+_CHECKPOINT = re.compile(r"^checkpoint-\d+$")
+
+
+class RunFolderError(ValueError):
+    """The output folder cannot be used as asked (it names ``output_dir`` and the way out)."""
+
+
+def run_files(output_dir: str) -> list[str]:
+    """Names in ``output_dir`` that belong to a run (run files and checkpoints), sorted; [] if none."""
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(n for n in os.listdir(output_dir) if n in RUN_FILES or _CHECKPOINT.match(n))
+
+
+def check_creatable(path: str, field: str = "output_dir") -> None:
+    """Raise :class:`RunFolderError` unless ``path`` is a writable directory or can be created. Creates nothing."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise RunFolderError(f"{field} {path!r} exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise RunFolderError(f"{field} {path!r} is not writable")
+        return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise RunFolderError(f"{field} {path!r} cannot be created: {parent!r} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RunFolderError(f"{field} {path!r} cannot be created: {parent!r} is not writable")
+
+
+def check_run_folder(output_dir: str, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder that holds a run, unless ``resume`` (continue it) or ``overwrite`` (move it aside)."""
+    check_creatable(output_dir)
+    if resume and overwrite:
+        raise RunFolderError("resume and overwrite exclude each other: --resume continues the run in output_dir, "
+                             "--overwrite moves it aside and starts afresh")
+    found = run_files(output_dir)
+    if not found or overwrite:
+        return
+    shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+    if not resume:
+        raise RunFolderError(
+            f"output_dir {output_dir!r} already holds a run ({shown}): continue it with --resume, or start afresh "
+            f"in a new --output-dir or with --overwrite (moves the old run into {output_dir}/previous-<time>/, "
+            "deletes nothing)")
+    from .checkpoint import latest_checkpoint
+
+    if latest_checkpoint(output_dir) is None:  # complete checkpoints only
+        raise RunFolderError(
+            f"output_dir {output_dir!r} holds a run ({shown}) but no checkpoint to resume from: start afresh "
+            "with --overwrite (moves the old run aside) or in a new --output-dir")
+
+
+def move_run_aside(output_dir: str) -> str | None:
+    """Move the run files of ``output_dir`` into a new ``previous-<date>-<time>/`` inside it. Returns it (None: nothing to move)."""
+    found = run_files(output_dir)
+    if not found:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = os.path.join(output_dir, f"previous-{stamp}"), 1
+    while os.path.exists(target):
+        n += 1
+        target = os.path.join(output_dir, f"previous-{stamp}-{n}")
+    os.makedirs(target)
+    for name in found:
+        os.replace(os.path.join(output_dir, name), os.path.join(target, name))
+    return target
+
+
+def new_run_id() -> str:
+    """A fresh run id: the start time and 8 random hex digits."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+
+def read_run_id(output_dir: str) -> str | None:
+    """The id in ``output_dir/run.json`` (None when the folder has none)."""
+    path = os.path.join(output_dir, RUN_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("run_id")
+
+
+def write_run_file(output_dir: str, run_id: str, **info) -> None:
+    """Write ``output_dir/run.json``: the run id and ``info`` (algorithm, seed, model, start time)."""
+    with open(os.path.join(output_dir, RUN_FILE), "w", encoding="utf-8") as f:
+        json.dump({"run_id": run_id, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}, f, indent=2)
+
+
+def default_output_dir(algo: str) -> str:
+    """``runs/<algo>-<date>-<time>``: where a run goes when no output_dir is given."""
+    return os.path.join("runs", f"{algo}-{time.strftime('%Y%m%d-%H%M%S')}")
