@@ -7,7 +7,7 @@ Math (``h [N, D]``, ``W [V, D]``, ``b [V]``, optional soft-cap ``c``, temperatur
     dz_i = (g_logp (1[i = y] - p_i) - g_H p_i (log p_i + H)) / tau * (1 - tanh^2(z_raw_i / c))
     dh = dz W,   dW = dz^T h,   db = sum over tokens of dz
 
-Equals ``token_logprobs_and_entropy(hidden @ weight.T + bias, targets, ...)`` (ALGORITHMS.md
+Equals ``token_logprobs_and_entropy(hidden @ weight.T + bias, targets, ...)`` (docs/math.md
 section 1, "From hidden states") without ever holding the ``[N, V]`` logits or their gradient.
 The CUDA path runs the kernels of ``entropy_ops.kernels.linear_logprobs_entropy`` (tiles in
 registers; fp32 atomics for ``dh``/``dW``/``db``, so its gradients are not bitwise deterministic).

@@ -2,7 +2,7 @@
 memory bounded by a chunk of ``n = token_chunk_size`` tokens instead of all ``N``.
 
 Two helpers, the same math as the ops they wrap (``logp = s_y - logsumexp(s)``,
-``H = logsumexp(s) - sum_i p_i s_i``, ``s = z / tau``; ALGORITHMS.md section 1):
+``H = logsumexp(s) - sum_i p_i s_i``, ``s = z / tau``; docs/math.md section 1):
 
 - :func:`chunked_logprobs_and_entropy` for logits produced by a callable ``logits_fn(start, end)``
   (any head: a final norm, a scaled or soft-capped lm_head, LoRA...). Each chunk is checkpointed

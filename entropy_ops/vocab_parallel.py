@@ -9,7 +9,7 @@ differ. With ``s = z / tau`` (soft-capped first in the linear form) and target `
     m = max_r m_r                                                          all-reduce MAX
     [S, T, s_y - m] = sum_r a_r [S_r, T_r + (m_r - m) S_r, 0] + [0, 0, 1[y in r] (d_r + m_r - m)],
                       a_r = exp(m_r - m)                                   one all-reduce SUM of [3, N]
-    logp = (s_y - m) - log S,   H = log S - T / S                        (ALGORITHMS.md section 1)
+    logp = (s_y - m) - log S,   H = log S - T / S                        (docs/math.md section 1)
 
 The target's logit enters through the sum: only its owner adds a non-zero, so the sum is exact.
 The partials come from the existing launch functions, which return finished statistics

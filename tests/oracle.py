@@ -1,4 +1,4 @@
-"""Float64 ground truth, written from the formulas (ALGORITHMS.md section 1), and one tolerance table."""
+"""Float64 ground truth, written from the formulas (docs/math.md section 1), and one tolerance table."""
 import torch
 
 # One tolerance table (DEVELOPERS.md): fp32 below 1e-5 relative; 16-bit inputs within 1e-2.
