@@ -1,15 +1,20 @@
 """Per-token log-probs and entropies of a Hugging Face causal LM without its ``[B, T, V]`` logits.
 
-A causal LM's ``forward`` is ``body -> last hidden states -> lm_head -> (logit transform)``.
-:func:`compute_logprobs_and_entropy` runs the body only, keeps the hidden rows that predict a
-completion token, and hands them with the head's weight (and bias) to
-:func:`entropy_ops.linear_logprobs_and_entropy`, which streams the vocabulary: no logits tensor is
-built in forward or backward, and prompt or padding positions never cost a vocabulary pass.
+:func:`compute_logprobs_and_entropy` is the RL path of a model, patched by
+:func:`entropy_ops.patch` or not: it runs the model's own forward with the output layer captured
+(:func:`entropy_ops.output_head.capture_head`: the output layer records its input hidden states
+and is never called; vision-language inputs such as ``pixel_values`` pass through), keeps the
+hidden rows that predict a completion token, and hands them with the head's weight, bias, logit
+scale and soft-cap (:func:`entropy_ops.output_head.output_head`, read generically from the model
+and its config) to :func:`entropy_ops.linear_logprobs_and_entropy`, which streams the vocabulary:
+no logits tensor is built in forward or backward, and prompt or padding positions never cost a
+vocabulary pass.
 
-Math (``h_{b,t}`` the body's last hidden state at position ``t``, ``W``/``b`` the output layer,
-``tau`` the temperature, ``y_{b,t}`` = ``input_ids[b, t]``)::
+Math (``h_{b,t}`` the hidden state the output layer would read at position ``t``, ``W``/``b`` the
+output layer, ``f`` the family's logit transform ``cap(s z)``, ``tau`` the temperature,
+``y_{b,t}`` = ``input_ids[b, t]``)::
 
-    z = f(h_{b,t-1} W^T + b)                 f = the family's logit transform (table below)
+    z = f(h_{b,t-1} W^T + b)
     logp[b, t] = log_softmax(z / tau)[y_{b,t}]
     H[b, t]    = -sum_v p_v log p_v,  p = softmax(z / tau)
 
@@ -19,144 +24,51 @@ prediction *of* token ``t`` *from* the prefix ``input_ids[b, :t]``, i.e. it equa
 ``completion_mask[:, 0]`` must be False (no prefix predicts token 0). Gradients reach every
 parameter (body, output layer, tied embeddings) through the fused op's backward.
 
-Logit transforms, per ``config.model_type`` (the families whose ``ForCausalLM.forward`` was read
-in transformers 5.23 and is exactly ``lm_head`` followed by this transform):
+Host syncs: the checks of ``completion_mask``, the check of the model's logit transform (one
+``[B, T, 9]`` probe) and the boolean row selection (one ``nonzero``).
 
-=================================================  ===========================================
-llama, mistral, qwen2, qwen3, gemma, phi3, olmo2,  none (Gemma's final norm and its embedding
-mixtral, qwen2_moe, qwen3_moe                      scale live in the body)
-gemma2, gemma3_text                                ``c tanh(z / c)``, ``c`` =
-                                                   ``config.final_logit_softcapping`` (None: none)
-cohere, cohere2                                    ``model.logit_scale * z``
-granite                                            ``z / config.logits_scaling``
-=================================================  ===========================================
-
-A positive logit scale ``s`` is folded into the temperature (``s z / tau = z / (tau / s)``); the
-soft-cap is the fused op's ``logit_softcap``. Any other ``model_type`` raises
-``NotImplementedError`` rather than risk a silently different head (many architectures add a
-bias, a multiplier or a mask after ``lm_head``); for such a model, build an :class:`OutputHead`
-by hand and call :func:`head_logprobs_and_entropy` on the body's hidden states.
-
-Host syncs: the checks of ``completion_mask`` and the boolean row selection (one ``nonzero``).
+The names :class:`OutputHead`, :func:`output_head` and :func:`head_logprobs_and_entropy` are
+re-exported from :mod:`entropy_ops.output_head`, the one output-head implementation of the project.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-from .._validation import check_temperature
-from ..linear_ops import linear_logprobs_and_entropy
-
-# model_type -> how the family's forward transforms ``lm_head``'s output (see the module docstring).
-_PLAIN = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo2", "mixtral", "qwen2_moe", "qwen3_moe")
-_LOGIT_TRANSFORMS = {
-    **{name: "none" for name in _PLAIN},
-    "gemma2": "softcap",
-    "gemma3_text": "softcap",
-    "cohere": "scale",
-    "cohere2": "scale",
-    "granite": "inverse_scale",
-}
-SUPPORTED_MODEL_TYPES = tuple(sorted(_LOGIT_TRANSFORMS))
-
-
-@dataclass(frozen=True)
-class OutputHead:
-    """What the fused op needs from a model's output layer: ``logits = cap(scale * (h @ weight.T + bias))``.
-
-    ``scale`` must be > 0; ``softcap`` is ``c`` of ``c tanh(z / c)`` or ``None``. At most one of
-    the two is not the identity (no supported family has both).
-    """
-
-    weight: torch.Tensor  # [V, D]
-    bias: torch.Tensor | None = None  # [V]
-    scale: float = 1.0
-    softcap: float | None = None
-
-    def __post_init__(self):
-        if not isinstance(self.weight, torch.Tensor) or self.weight.dim() != 2:
-            raise ValueError(f"OutputHead.weight must be a [V, D] tensor, got "
-                             f"{tuple(self.weight.shape) if isinstance(self.weight, torch.Tensor) else self.weight!r}")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not (
-                math.isfinite(self.scale) and self.scale > 0):
-            raise ValueError(f"OutputHead.scale must be a finite number > 0, got {self.scale!r}")
-        if self.softcap is not None and self.scale != 1.0:
-            raise ValueError("OutputHead takes a logit scale or a soft-cap, not both "
-                             f"(scale={self.scale}, softcap={self.softcap})")
-
-    def op_temperature(self, temperature: float) -> float:
-        """The fused op's temperature with the scale folded in: ``scale * z / t = z / (t / scale)``."""
-        return check_temperature(temperature) / self.scale
-
-
-def output_head(model) -> OutputHead:
-    """The :class:`OutputHead` of a supported Hugging Face causal LM (``config.model_type`` in the table).
-
-    Reads ``model.get_output_embeddings()`` (an ``nn.Linear``; with tied embeddings its weight *is*
-    the input embedding, so gradients reach both uses), and the family's logit transform.
-    Raises ``NotImplementedError`` for other model types and ``TypeError`` for a non-Linear head
-    (e.g. a PEFT adapter on ``lm_head``, whose effective weight is not ``.weight``).
-    """
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    transform = _LOGIT_TRANSFORMS.get(model_type)
-    if transform is None:
-        raise NotImplementedError(
-            f"model_type {model_type!r} ({type(model).__name__}) is not one of the causal LMs whose output layer "
-            f"entropy_ops knows: {SUPPORTED_MODEL_TYPES}. Build an OutputHead for it by hand and call "
-            "head_logprobs_and_entropy on the body's hidden states.")
-    head = model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear:
-        raise TypeError(f"the model's output layer must be a plain torch.nn.Linear, got {type(head).__name__}")
-    if transform == "softcap":
-        softcap = getattr(config, "final_logit_softcapping", None)
-        return OutputHead(head.weight, head.bias, softcap=None if softcap is None else float(softcap))
-    if transform == "scale":
-        return OutputHead(head.weight, head.bias, scale=_positive("logit_scale", model.logit_scale, model_type))
-    if transform == "inverse_scale":
-        return OutputHead(head.weight, head.bias,
-                          scale=1.0 / _positive("logits_scaling", config.logits_scaling, model_type))
-    return OutputHead(head.weight, head.bias)
-
-
-def _positive(name: str, value, model_type: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{model_type}: {name} must be a finite number > 0 to be folded into the temperature, "
-                         f"got {value!r}")
-    return float(value)
+from ..output_head import (  # noqa: F401  (re-exported)
+    OutputHead,
+    capture_head,
+    head_logprobs_and_entropy,
+    output_head,
+)
 
 
 def model_body(model) -> torch.nn.Module:
-    """The decoder body (embeddings, layers, final norm) whose output feeds ``lm_head``."""
+    """The decoder body of a text-only causal LM (``model.get_decoder()``), for callers that run it directly.
+
+    :func:`compute_logprobs_and_entropy` does not use it (it runs the whole model with the head
+    captured, which also covers vision-language models).
+    """
     body = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
     if body is None or body is model:
         raise TypeError(f"cannot find the decoder body of {type(model).__name__} (model.get_decoder() / model.model)")
     return body
 
 
-def head_logprobs_and_entropy(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor, *,
-                              temperature: float = 1.0, return_entropy: bool = True, backend: str = "auto",
-                              dtype: torch.dtype | None = None):
-    """``(logp, H)`` fp32 ``[N]`` of ``targets [N]`` under ``softmax(cap(scale (hidden W^T + b)) / temperature)``.
+def captured_hidden(model, *args, **kwargs):
+    """``(hidden, head, outputs)``: run ``model(*args, **kwargs)`` with the output layer captured.
 
-    Every row of ``hidden`` ``[N, D]`` counts (select rows before calling). ``dtype`` is the dtype
-    the matmuls read: by default the autocast dtype when autocast is on for the head's device
-    (what ``lm_head`` itself would use, e.g. bf16 with fp32 master weights), else the head's dtype;
-    ``hidden``, ``weight`` and ``bias`` are cast to it (differentiably) and moved to the head's
-    device. The op itself runs with autocast off.
+    ``hidden`` ``[..., D]`` is what the output layer would have read, ``head`` the model's
+    :class:`OutputHead` (its transform checked against the model's own post-processing), ``outputs``
+    the model's outputs (their ``logits`` field holds only the probe: ignore it). Pass no labels.
     """
-    weight, bias = head.weight, head.bias
-    device_type = weight.device.type
-    if dtype is None:
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-    weight, hidden = weight.to(dtype), hidden.to(device=weight.device, dtype=dtype)
-    bias = None if bias is None else bias.to(dtype)
-    with torch.autocast(device_type, enabled=False):
-        return linear_logprobs_and_entropy(
-            hidden, weight, targets.to(weight.device), bias=bias, temperature=head.op_temperature(temperature),
-            return_entropy=return_entropy, logit_softcap=head.softcap, backend=backend)
+    head = output_head(model)
+    with capture_head(model, head) as record:
+        outputs = model(*args, **kwargs)
+    logits = outputs.get("logits") if hasattr(outputs, "get") else None
+    if logits is None and isinstance(outputs, tuple):
+        logits = outputs[0]
+    record.check_transform(logits)
+    return record.hidden, head, outputs
 
 
 def scatter_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -182,15 +94,18 @@ def compute_logprobs_and_entropy(model, input_ids, attention_mask, completion_ma
     """Per-token log-prob and entropy of ``input_ids`` under a Hugging Face causal LM, logits-free.
 
     Args:
-        model: a ``*ForCausalLM`` of a supported family (module docstring), in the mode you want
-            (``model.eval()`` for dropout-free log-probs).
+        model: a Hugging Face ``*ForCausalLM`` or vision-language ``*ForConditionalGeneration``
+            (patched by :func:`entropy_ops.patch` or not), in the mode you want (``model.eval()`` for
+            dropout-free log-probs). Refused, naming the family, when its output head is not a plain
+            ``nn.Linear`` or its logit post-processing is not the one its config describes.
         input_ids: ``[B, T]`` token ids (prompt and completion, any padding).
         attention_mask: ``[B, T]`` 0/1 or bool, passed to the body unchanged (``None`` allowed).
         completion_mask: ``[B, T]`` bool or 0/1: the positions to score; ``completion_mask[:, 0]``
             must be False and every scored position must be attended (``attention_mask`` 1).
         temperature: ``tau > 0``; the distribution is ``softmax(logits / tau)`` as in TRL and verl.
         backend: ``"auto"`` | ``"triton"`` | ``"torch"`` for the fused op.
-        **kwargs: passed to the body (e.g. ``position_ids`` for left-padded batches).
+        **kwargs: passed to the model's forward (e.g. ``position_ids`` for left-padded batches,
+            ``pixel_values`` and ``image_grid_thw`` of a vision-language model).
 
     Returns:
         ``(logp, entropy)``, fp32 ``[B, T]``: position ``t`` is the prediction of ``input_ids[b, t]``
@@ -214,9 +129,11 @@ def compute_logprobs_and_entropy(model, input_ids, attention_mask, completion_ma
         attended = _as_bool_mask("attention_mask", attention_mask, shape, device)
         if bool((completion & ~attended).any()):
             raise ValueError("completion_mask selects a position whose attention_mask is 0")
-    head = output_head(model)
-    hidden = model_body(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                               **kwargs).last_hidden_state
+    hidden, head, _ = captured_hidden(model, input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                      **kwargs)
+    if hidden.shape[:2] != shape:
+        raise ValueError(f"the model fed its output layer hidden states of shape {tuple(hidden.shape)}, not one "
+                         f"per input position {tuple(shape)} (logits_to_keep in kwargs?)")
     scored = completion[:, 1:]  # scored[b, t - 1]: the hidden state at t - 1 predicts token t
     logp, H = head_logprobs_and_entropy(head, hidden[:, :-1][scored], input_ids[:, 1:][scored],
                                         temperature=temperature, backend=backend)
