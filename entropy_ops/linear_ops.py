@@ -7,16 +7,19 @@ Math (``h [N, D]``, ``W [V, D]``, ``b [V]``, optional soft-cap ``c``, temperatur
     dz_i = (g_logp (1[i = y] - p_i) - g_H p_i (log p_i + H)) / tau * (1 - tanh^2(z_raw_i / c))
     dh = dz W,   dW = dz^T h,   db = sum over tokens of dz
 
-Equals ``token_logprobs_and_entropy(hidden @ weight.T + bias, targets, ...)`` (docs/math.md
+Equals ``token_logprobs_and_entropy(hidden @ weight.T + bias, targets, ...)`` (ALGORITHMS.md
 section 1, "From hidden states") without ever holding the ``[N, V]`` logits or their gradient.
-The CUDA path runs the kernels of ``entropy_ops.kernels.linear_logprobs_entropy`` (tiles in
-registers; fp32 atomics for ``dh``/``dW``/``db``, so its gradients are not bitwise deterministic).
-The CPU path walks ``[n, v]`` blocks of at most ``CPU_BLOCK_ELEMENTS`` fp32 elements: vocab chunks
-outside, token chunks inside, merging per-chunk ``(m, S, T)`` with ``softmax_stats.merge_stats``;
-backward recomputes each block, ``dh += dz W_chunk`` and ``dW_chunk += dz^T h_chunk`` (a fixed
-order: deterministic). Forward saves ``(m, log S, H)`` per row, fp32. The backward launches add into
-caller-provided accumulators (``dh_out``, ``dw_out``, ``db_out``) when given instead of fresh zeros,
-so a caller that runs them chunk by chunk (``token_chunking``) holds one ``[V, D]`` fp32 ``dW``, not one per chunk.
+The CUDA path (``linear_triton``) walks the vocabulary in chunks of ``Vc`` columns: forward, large
+matmul tiles with a statistics epilogue; backward, a kernel that recomputes each chunk's logits and
+writes ``dz`` into an ``[N, Vc]`` buffer, then ``dW[chunk] = dz^T h`` (written once, weight dtype) and
+``dh += dz W[chunk]`` (fp32) as two matmuls. No atomics: gradients are bitwise reproducible. Its
+memory formula is in ``linear_triton``'s docstring. The CPU path walks ``[n, v]`` blocks of at most
+``CPU_BLOCK_ELEMENTS`` fp32 elements: vocab chunks outside, token chunks inside, merging per-chunk
+``(m, S, T)`` with ``softmax_stats.merge_stats``; backward recomputes each block,
+``dh += dz W_chunk`` and ``dW_chunk += dz^T h_chunk`` (a fixed order: deterministic). Forward saves
+``(m, log S, H)`` per row, fp32. The backward launches add into caller-provided accumulators
+(``dh_out``, ``dw_out``, ``db_out``) when given instead of fresh buffers, so a caller that runs them
+chunk by chunk (``token_chunking``) holds one ``[V, D]`` fp32 ``dW``, not one per chunk.
 
 Module layout: launch functions (usable without autograd), the CPU functions, the
 ``autograd.Function``, then the public functional.
@@ -24,9 +27,10 @@ Module layout: launch functions (usable without autograd), the CPU functions, th
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
-from . import softmax_stats
-from ._dispatch import resolve_backend, triton_interpreting
+from . import linear_triton, softmax_stats
+from ._dispatch import resolve_backend
 from ._layout import as_rows3d
 from ._validation import (
     check_accumulator,
@@ -45,20 +49,23 @@ from ._validation import (
 # chunk and its dW accumulator); tests/test_linear_memory.py measures the peak.
 CPU_BLOCK_ELEMENTS = 1 << 20
 CPU_LIVE_BLOCKS = 6
-# The Triton interpreter has no SMs; pretending it has 4 makes the small test shapes split the
-# vocab, so the split + merge path runs under the interpreter too.
-_INTERPRETER_SMS = 4
 
 
 @dataclass(frozen=True)
 class LinearOpParams:
-    """Non-tensor options of one call, carried through autograd."""
+    """Non-tensor options of one call, carried through autograd.
+
+    ``vocab_chunk``: columns per chunk on the Triton path (``None``: ``linear_triton.vocab_chunk_size``'s
+    default); ``matmul``: the gradient matmuls' implementation there (``"auto"`` = cuBLAS on CUDA).
+    """
 
     temperature: float = 1.0
     ignore_index: int = -100
     backend: str = "torch"  # already resolved: "triton" or "torch"
     logit_softcap: float | None = None
     allow_tf32: bool = False
+    vocab_chunk: int | None = None
+    matmul: str = "auto"
 
     @property
     def inv_tau(self) -> float:
@@ -80,96 +87,38 @@ def _accumulator(name, out, needed: bool, shape, dtype, device, *, contiguous: b
     return out
 
 
-def _kernel_meta(h3d: torch.Tensor, bias, params: LinearOpParams) -> dict:
-    from .kernels.linear_logprobs_entropy import input_precision
-
-    return dict(
-        HAS_BIAS=bias is not None,
-        HAS_SOFTCAP=params.logit_softcap is not None,
-        INPUT_PRECISION=input_precision(h3d.element_size(), params.allow_tf32),
-        # interpreter only: its tl.dot cannot multiply bf16 (see kernels/linear_logprobs_entropy._dot)
-        DOT_FP32=h3d.dtype == torch.bfloat16 and triton_interpreting(),
-    )
-
-
-def linear_forward_triton(h3d, weight, bias, targets, params: LinearOpParams, *, config=None, num_sms=None):
-    """Launch the split forward and the merge. ``h3d`` ``[A, B, D]`` and ``weight`` ``[V, D]`` with
-    unit stride on ``D``; ``targets`` ``[A*B]`` int64.
+def linear_forward_triton(h3d, weight, bias, targets, params: LinearOpParams, *, config=None):
+    """Forward launches (``linear_triton.forward_chunks``). ``h3d`` ``[A, B, D]`` and ``weight`` ``[V, D]``
+    with unit stride on ``D``; ``targets`` ``[A*B]`` int64. ``config``: ``(forward, dz)`` tile configs.
 
     Returns fp32 ``(logp [N], H [N], stats [3, N])``; ``stats`` = ``(m, log S, H)`` of every row
     (ignored rows included: their logits are the bias); ``logp``/``H`` are 0 on ignored rows.
     """
-    from .kernels import linear_logprobs_entropy as k
-
-    A, B, D = h3d.shape
-    n_rows, V = A * B, weight.shape[0]
-    dev = h3d.device
-    logp, H = (torch.empty(n_rows, dtype=torch.float32, device=dev) for _ in range(2))
-    stats = torch.empty(3, n_rows, dtype=torch.float32, device=dev)
-    if n_rows == 0:
-        return logp, H, stats
-    cfg = config or k.launch_config(h3d.element_size(), params.allow_tf32)[0]
-    if num_sms is None:
-        num_sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else _INTERPRETER_SMS
-    splits = k.vocab_splits(n_rows, V, cfg, num_sms)
-    cols_per_split = _cdiv(_cdiv(V, splits), cfg.block_v) * cfg.block_v  # whole tiles per split
-    splits = _cdiv(V, cols_per_split)  # no empty split
-    part = torch.empty(3, splits, n_rows, dtype=torch.float32, device=dev)
-    s_y = torch.empty(n_rows, dtype=torch.float32, device=dev)
-    k._linear_logprobs_entropy_fwd[(_cdiv(n_rows, cfg.block_n), splits)](
-        h3d, weight, bias if bias is not None else weight, targets, part, s_y,
-        n_rows, B, D, V, cols_per_split,
-        h3d.stride(0), h3d.stride(1), weight.stride(0), part.stride(0), part.stride(1),
-        params.inv_tau, params.logit_softcap or 1.0, params.ignore_index,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, **_kernel_meta(h3d, bias, params),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    k._linear_logprobs_entropy_merge[(_cdiv(n_rows, k.MERGE_BLOCK),)](
-        part, s_y, targets, logp, H, stats,
-        n_rows, splits, part.stride(0), part.stride(1), params.ignore_index,
-        BLOCK=k.MERGE_BLOCK, num_warps=k.MERGE_WARPS,
-    )
+    logp, H, stats, _ = linear_triton.forward_chunks(h3d, weight, bias, targets, params, config=config,
+                                                     vocab_chunk=params.vocab_chunk)
     return logp, H, stats
 
 
 def linear_backward_triton(h3d, weight, bias, targets, stats, g_logp, g_H, params: LinearOpParams, needs,
                            *, config=None, dh_out=None, dw_out=None, db_out=None):
-    """Launch the backward; ``needs`` = ``(hidden, weight, bias)`` gradient flags.
+    """Backward launches (``linear_triton.backward_chunks``); ``needs`` = ``(hidden, weight, bias)`` flags.
 
-    Returns fp32 ``(dh [N, D], dW [V, D], db [V])``, ``None`` where not needed. The kernel adds into
-    its gradient buffers with fp32 atomics: by default they are fresh zeros; ``dh_out`` / ``dw_out`` /
-    ``db_out`` (fp32, contiguous, of those shapes, on the inputs' device) are the caller's instead, and
-    this call's gradient is *added* to what they hold (no new ``[N, D]`` / ``[V, D]`` / ``[V]`` buffer);
-    they are returned in place of the fresh ones. One given for a gradient not in ``needs`` is left alone.
+    Returns ``(dh fp32 [N, D], dW [V, D] in the weight's dtype, db fp32 [V])``, ``None`` where not needed.
+    ``dh_out`` / ``dw_out`` / ``db_out`` (fp32, contiguous, of those shapes, on the inputs' device) are the
+    caller's accumulators instead: this call's gradient is *added* to what they hold (no new ``[N, D]`` /
+    ``[V, D]`` / ``[V]`` buffer) and they are returned. One given for a gradient not in ``needs`` is left alone.
     """
-    from .kernels import linear_logprobs_entropy as k
-
     A, B, D = h3d.shape
     n_rows, V = A * B, weight.shape[0]
     dev = h3d.device
-    need_h, need_w, need_b = needs
-    dh = _accumulator("dh_out", dh_out, need_h, (n_rows, D), torch.float32, dev, contiguous=True)
-    dw = _accumulator("dw_out", dw_out, need_w, (V, D), torch.float32, dev, contiguous=True)
-    db = _accumulator("db_out", db_out, need_b, (V,), torch.float32, dev, contiguous=True)
-    if n_rows == 0 or not any(needs):
-        return dh, dw, db
-    cfg = config or k.launch_config(h3d.element_size(), params.allow_tf32)[1]
-    zeros = None
-    if g_logp is None or g_H is None:
-        zeros = torch.zeros(n_rows, dtype=torch.float32, device=dev)
-    grid = (_cdiv(n_rows, cfg.block_n) * _cdiv(V, cfg.block_v),)
-    k._linear_logprobs_entropy_bwd[grid](
-        h3d, weight, bias if bias is not None else weight, targets, stats,
-        g_logp if g_logp is not None else zeros, g_H if g_H is not None else zeros,
-        dh if need_h else stats, dw if need_w else stats, db if need_b else stats,  # placeholders never written
-        n_rows, B, D, V,
-        h3d.stride(0), h3d.stride(1), weight.stride(0),
-        params.inv_tau, params.logit_softcap or 1.0, params.ignore_index,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, **_kernel_meta(h3d, bias, params),
-        GRAD_HIDDEN=need_h, GRAD_WEIGHT=need_w, GRAD_BIAS=need_b,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return dh, dw, db
+    for name, out, need, shape in (("dh_out", dh_out, needs[0], (n_rows, D)), ("dw_out", dw_out, needs[1], (V, D)),
+                                   ("db_out", db_out, needs[2], (V,))):
+        if out is not None and need:
+            check_accumulator(name, out, shape, torch.float32, dev, contiguous=True)
+    return linear_triton.backward_chunks(
+        h3d, weight, bias, targets, stats, g_logp, g_H, params, needs, config=config,
+        vocab_chunk=params.vocab_chunk, matmul=params.matmul,
+        dh_out=dh_out if needs[0] else None, dw_out=dw_out if needs[1] else None, db_out=db_out if needs[2] else None)
 
 
 # ---------------------------------------------------------------- CPU (chunked torch)
@@ -302,7 +251,9 @@ def linear_forward(hidden, weight, bias, flat_targets, params: LinearOpParams):
 
 def linear_backward(hidden, weight, bias, flat_targets, stats, g_logp, g_H, params: LinearOpParams, needs,
                     *, dh_out=None, dw_out=None, db_out=None):
-    """Backward on the resolved backend -> fp32 ``(dh [N, D], dW, db)`` (``None`` where not needed).
+    """Backward on the resolved backend -> ``(dh [N, D], dW [V, D], db [V])`` (``None`` where not needed):
+    ``dh``, ``db`` in the accumulation dtype (fp32; fp64 for fp64 inputs on the torch path), ``dW`` in the
+    weight's dtype.
 
     ``dh_out`` ``[N, D]``, ``dw_out`` ``[V, D]``, ``db_out`` ``[V]``: optional caller buffers in the
     accumulation dtype (fp32; fp64 for fp64 inputs on the torch path), contiguous on the Triton path;
@@ -317,7 +268,10 @@ def linear_backward(hidden, weight, bias, flat_targets, stats, g_logp, g_H, para
 
 
 class LinearLogprobsEntropy(torch.autograd.Function):
-    """``(hidden [..., D], weight [V, D], bias [V] | None, targets [...]) -> (logp [...], H [...])``, fp32."""
+    """``(hidden [..., D], weight [V, D], bias [V] | None, targets [...]) -> (logp [...], H [...])``, fp32.
+
+    Differentiable once: the backward is itself not differentiable (``once_differentiable``: a second
+    derivative raises instead of silently being zero)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, params: LinearOpParams):
@@ -331,6 +285,7 @@ class LinearLogprobsEntropy(torch.autograd.Function):
         return logp.view(lead), H.view(lead)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logp, grad_H):
         hidden, weight, bias, flat_targets, stats = ctx.saved_tensors
         params: LinearOpParams = ctx.params
@@ -339,8 +294,7 @@ class LinearLogprobsEntropy(torch.autograd.Function):
             return None, None, None, None, None
         g_logp = None if grad_logp is None else grad_logp.reshape(-1).to(torch.float32).contiguous()
         g_H = None if grad_H is None else grad_H.reshape(-1).to(torch.float32).contiguous()
-        with torch.no_grad():
-            dh, dw, db = linear_backward(hidden, weight, bias, flat_targets, stats, g_logp, g_H, params, needs)
+        dh, dw, db = linear_backward(hidden, weight, bias, flat_targets, stats, g_logp, g_H, params, needs)
         dh = None if dh is None else dh.to(hidden.dtype).view(hidden.shape)
         dw = None if dw is None else dw.to(weight.dtype)
         db = None if db is None else db.to(bias.dtype)
@@ -348,6 +302,24 @@ class LinearLogprobsEntropy(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- public functional
+def check_vocab_chunk(vocab_chunk) -> int | None:
+    """``vocab_chunk`` must be ``None`` or an int >= 1."""
+    if vocab_chunk is None:
+        return None
+    if isinstance(vocab_chunk, bool) or not isinstance(vocab_chunk, int):
+        raise TypeError(f"vocab_chunk must be an int or None, got {type(vocab_chunk).__name__}")
+    if vocab_chunk < 1:
+        raise ValueError(f"vocab_chunk must be >= 1 (vocab columns per chunk), got {vocab_chunk}")
+    return vocab_chunk
+
+
+def check_matmul(matmul) -> str:
+    """``matmul`` must be one of ``linear_triton.MATMULS``."""
+    if matmul not in linear_triton.MATMULS:
+        raise ValueError(f"matmul must be one of {linear_triton.MATMULS}, got {matmul!r}")
+    return matmul
+
+
 def linear_logprobs_and_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -360,6 +332,8 @@ def linear_logprobs_and_entropy(
     logit_softcap: float | None = None,
     allow_tf32: bool = False,
     backend: str = "auto",
+    vocab_chunk: int | None = None,
+    matmul: str = "auto",
 ):
     """Per-token log-prob of ``targets`` and entropy of ``softmax(cap(hidden @ weight.T + bias) / temperature)``.
 
@@ -387,12 +361,23 @@ def linear_logprobs_and_entropy(
             come from emulating TF32 operands on the CPU, not from a GPU (none was available).
         backend: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU; ``ENTROPY_OPS_BACKEND``
             overrides), ``"triton"`` or ``"torch"``.
+        vocab_chunk: Triton path: vocab columns per chunk ``Vc`` (rounded up to whole tiles); the
+            backward holds one ``[N, Vc]`` ``dz`` buffer. ``None``: the largest ``Vc`` with
+            ``N Vc 2 <= max(N D, 16 MiB)`` bytes (bf16 ``dz``; ``Vc = D / 2``). Peak extra memory, bytes
+            beyond the inputs and the returned gradients (16-bit inputs, no bias)::
+
+                N D 4 + N D 2 + N Vc 2 + O(N Vc / 128)     (fp32 dh, h operand of dW, dz, tile statistics)
+
+            e.g. 235 MB at N=8192, D=4096, V=131072 (Vc=2048); full formula in ``linear_triton``.
+        matmul: Triton path: the two gradient matmuls per chunk in ``"cublas"`` (``"auto"`` on CUDA) or
+            ``"triton"`` (``kernels/linear_matmul.py``); on CPU tensors ``"auto"`` is fp32 PyTorch.
 
     Returns:
         ``(logp, entropy)``, fp32 ``[...]`` (fp64 for fp64 inputs on the CPU path).
-        Gradients flow to ``hidden``, ``weight`` and ``bias`` (any subset): the matmuls run in the
-        input dtype with fp32 accumulation, ``dz`` rounded to the input dtype on the Triton path.
-        The Triton backward accumulates with fp32 atomics: not bitwise reproducible run to run.
+        Gradients flow to ``hidden``, ``weight`` and ``bias`` (any subset), once (no double backward):
+        the matmuls run in the input dtype with fp32 accumulation, ``dz`` rounded to the input dtype on
+        the Triton path (to bf16 for fp16 inputs, whose range would flush small ``dz`` to zero).
+        Both paths are deterministic: no atomics, every reduction in a fixed order.
 
     Raises ``ValueError`` for a non-ignored row whose logits are not finite (NaN/inf inputs).
     """
@@ -406,6 +391,7 @@ def linear_logprobs_and_entropy(
     resolved = resolve_backend(backend, hidden.device)
     if resolved == "triton" and hidden.dtype == torch.float64:
         raise TypeError("hidden must be fp32, bf16 or fp16 on the Triton backend, got torch.float64")
-    params = LinearOpParams(temperature, ignore_index, resolved, logit_softcap, allow_tf32)
+    params = LinearOpParams(temperature, ignore_index, resolved, logit_softcap, allow_tf32,
+                            check_vocab_chunk(vocab_chunk), check_matmul(matmul))
     logp, H = LinearLogprobsEntropy.apply(hidden, weight, bias, targets, params)
     return logp, (H if return_entropy else None)

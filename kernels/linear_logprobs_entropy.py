@@ -2,62 +2,55 @@
 
 With ``z = h W^T (+ b)`` (``h [N, D]``, ``W [V, D]``), optional soft-cap
 ``z <- c tanh(z / c)``, and ``s = z / tau``, the kernels compute the quantities of
-``softmax_stats`` (``H``, ``logp = s_y - lse``, ``lse = m + log S``) and their gradients
-without ever holding the ``[N, V]`` logits: each ``[BLOCK_N, BLOCK_V]`` logits
-tile lives in registers only (``tl.dot`` over ``D`` in ``BLOCK_D`` steps, fp32
-accumulation; operands in the input dtype, fp32 operands as full IEEE fp32 or,
-opt-in, TF32).
+``softmax_stats`` (``H``, ``logp = s_y - lse``, ``lse = m + log S``) and the logit
+gradient without ever holding the ``[N, V]`` logits. The dispatcher
+(``entropy_ops.linear_ops``) walks the vocabulary in chunks of ``Vc`` columns and
+launches, per chunk, one grid of ``[BLOCK_N, BLOCK_V]`` tiles; every tile is a
+full-``D`` matmul (``tl.dot`` in ``BLOCK_D`` steps, fp32 accumulation, operands in
+the input dtype; on sm_90 ``tl.dot`` lowers to wgmma) followed by an epilogue:
 
-Forward, split over the vocab (``_linear_logprobs_entropy_fwd``, then
-``_linear_logprobs_entropy_merge``). Program ``(i, k)`` owns token block ``i``
-and the ``k``-th contiguous range of ``cols_per_split`` vocab columns; it streams
-the tiles of its range, folding each into per-row partial ``(m, S, T)``
-(``tile_stats_rows`` + ``merge_stats``), and picks up ``s_y`` from the tile that
-holds the target. A second, O(rows * splits) kernel merges the partials of a row
-and writes ``logp``, ``H`` and the saved ``(m, log S, H)``. Why a split: one program per token block
-gives ``ceil(N / BLOCK_N)`` programs, 16 for N = 2048, i.e. an eighth of an
-H100's 132 SMs; the split multiplies the grid until it covers the SMs (see
-``vocab_splits``), at the cost of a ``[3, splits, N]`` fp32 buffer. With enough
-token blocks the split is 1 and the merge is a trivial epilogue.
+- ``_linear_logprobs_entropy_fwd``: the tile's per-row ``(m, S, T)`` into a
+  ``[3, tiles, N]`` partial buffer (one writer per entry), ``s_y`` from the tile that
+  holds the target, and optionally (``STORE_LOGITS``, the one-pass loss) the tile's
+  ``s - m_tile`` into a logits workspace.
+- ``_linear_stats_merge``: folds a chunk's partials into running ``(m, S, T)`` in
+  tile order (deterministic); after the last chunk writes ``logp``, ``H`` and the
+  saved ``(m, log S, H)``.
+- ``_linear_logit_grad``: recomputes the tile from the saved statistics, forms
+  ``dz_i = (g_logp (1[i = y] - p_i) - g_H p_i (log p_i + H)) / tau * (1 - tanh^2(z_i / c))``
+  in fp32 and stores it in the gradient-matmul dtype into an ``[N, Vc]`` buffer;
+  its fp32 column sums per token block go to an ``[N / BLOCK_N, Vc]`` buffer for ``db``.
+- ``_linear_onepass_grad``: the same ``dz`` from a workspace written by the forward
+  (``STORE_LOGITS``), in place, for the one-pass loss.
+The two gradient matmuls per chunk (``dW[chunk] = dz^T h``, ``dh += dz W[chunk]``) run in
+cuBLAS or in ``kernels/linear_matmul.py``.
 
-Backward (``_linear_logprobs_entropy_bwd``), one program per
-``[BLOCK_N, BLOCK_V]`` tile (token block fastest, so programs that run together
-share the ``W`` tile in L2). It recomputes the tile's ``s``, forms
-``dz = logit_grad(...)`` (times ``1 - tanh^2(z / c)`` under the soft-cap), rounds
-it to the input dtype, and then, per ``BLOCK_D`` slice of ``D``::
+No kernel uses atomics: every output element has one writer, the cross-tile
+reductions (statistics across vocab tiles, ``db`` across token blocks, ``dW`` across
+tokens inside one matmul, ``dh`` across chunks in chunk order) run in a fixed order,
+so forward and backward are bitwise deterministic.
 
-    dh[rows, d]  += dz   @ W[cols, d]      (atomic add, fp32 buffer [N, D])
-    dW[cols, d]  += dz^T @ h[rows, d]      (atomic add, fp32 buffer [V, D])
-    db[cols]     += sum_rows dz            (atomic add, fp32 buffer [V])
-
-Atomics are needed because a ``dh`` row gets one contribution per vocab tile and
-a ``dW`` row one per token block, and neither ``[BLOCK_N, D]`` nor
-``[BLOCK_V, D]`` fits in one program's registers. The order of the fp32 atomic
-adds depends on scheduling, so the gradients are **not bitwise deterministic**
-run to run (they differ by the rounding of fp32 sums taken in another order);
-the forward is deterministic (the merge walks the splits in order). The fp32
-accumulators are the whole extra memory of the backward: ``[N, D]`` and
-``[V, D]`` (for 16-bit inputs the latter is a copy-sized extra ``4 V D`` bytes,
-cast to the weight's dtype at the end). ``GRAD_HIDDEN`` / ``GRAD_WEIGHT`` /
-``GRAD_BIAS`` are constexpr: work for an input that needs no gradient is not
-compiled in.
+Program order (``_grouped_tile``): programs are numbered so that ``GROUP_N`` token
+blocks sweep the chunk's vocab tiles together (the Triton matmul tutorial's grouped
+order): the programs resident at once share ``GROUP_N`` ``h`` blocks and a few ``W``
+tiles in L2 instead of streaming them from HBM per tile.
 
 Rows are ``(outer, inner)`` pairs with two strides (``entropy_ops._layout``), so
-``hidden[:, :-1]`` is read in place; ``D`` must have unit stride in ``h`` and
-``W`` (the launcher copies the rare operand that does not). Row offsets are
-int64. Ignored rows load ``h = 0`` (their logits are the bias), give 0 outputs
-and zero gradients.
+``hidden[:, :-1]`` is read in place; ``D`` has unit stride in ``h`` and ``W``. Row
+offsets are int64. Ignored rows load ``h = 0`` (their logits are the bias), give 0
+outputs and exactly zero ``dz``.
 """
 from typing import NamedTuple
 
 import triton
 import triton.language as tl
 
+from ._aot import LaunchSpec, Pointer
 from .softmax_stats import finalize_stats, logit_grad, merge_stats, softcap_tanh, target_logprob, tile_stats_rows
 
 
 class LinearConfig(NamedTuple):
-    """Tile sizes and launch options of one kernel."""
+    """Tile sizes and launch options of the tile kernels (forward and ``dz``)."""
 
     block_n: int
     block_v: int
@@ -66,40 +59,32 @@ class LinearConfig(NamedTuple):
     num_stages: int
 
 
-# Tile choices: the usual Triton matmul tiles, shrunk until tests/tools/compile_kernels.py
-# reported no spills (stack and local memory 0) at sm_80 and sm_90 for every configuration of
-# compile_specs(). The [BLOCK_N, BLOCK_V] fp32 logits tile and its softmax/gradient temporaries
-# live in registers, so the tile is half a plain matmul's: 128 x 128 at 8 warps spilled. Not tuned
-# on a GPU: no device was lent to the session that wrote this; tune with benchmarks/ first.
+# Tiles (not tuned on a GPU: none has been lent yet; benchmarks/ will settle them). 16-bit: the
+# Triton-matmul-tutorial Hopper shape cut to BLOCK_V 128 because the fp32 logits tile and its softmax
+# temporaries live in registers next to the accumulator: 128 x 128 x 64 at 8 warps is two m64n128k16
+# wgmma per warp group per k-step; the compile check (tests/test_kernel_compile.py, sm_90) shows no spills.
+# fp32 + TF32: half the K step (4-byte operands, same shared memory per stage). IEEE fp32 runs on the FMA
+# units (no tensor cores): a smaller tile.
 _CONFIGS = {
-    # (element_size, allow_tf32) -> (forward, backward)
-    (2, False): (LinearConfig(128, 64, 32, 8, 3), LinearConfig(64, 128, 32, 8, 2)),
-    (4, True): (LinearConfig(128, 64, 16, 8, 3), LinearConfig(64, 64, 32, 8, 2)),
-    # IEEE fp32 runs on the FMA units (no tensor cores); 64 x 64 x 32 at 4 warps spilled.
+    # (element_size, allow_tf32) -> tiles of the forward and of the dz kernel
+    (2, False): (LinearConfig(128, 128, 64, 8, 3), LinearConfig(128, 128, 64, 8, 3)),
+    (4, True): (LinearConfig(128, 128, 32, 8, 3), LinearConfig(128, 128, 32, 8, 3)),
     (4, False): (LinearConfig(64, 64, 16, 8, 2), LinearConfig(64, 64, 16, 8, 2)),
 }
+GROUP_N = 8  # token blocks per program group (L2 reuse of W tiles, see _grouped_tile)
 MERGE_BLOCK = 256  # rows per merge program: a few loads and exps per row, any size works
 MERGE_WARPS = 4
+ONEPASS_WARPS = 8  # the one-pass dz kernel: elementwise over [BLOCK_N, BLOCK_V] tiles of the workspace
 
 
 def launch_config(element_size: int, allow_tf32: bool = False) -> tuple[LinearConfig, LinearConfig]:
-    """``(forward, backward)`` tile configurations for operands of ``element_size`` bytes.
+    """``(forward, dz)`` tile configurations for operands of ``element_size`` bytes.
 
     ``allow_tf32`` only matters for fp32 (4-byte) operands.
     """
     if element_size not in (2, 4):
         raise ValueError(f"element_size must be 2 (bf16/fp16) or 4 (fp32) bytes, got {element_size}")
     return _CONFIGS[(element_size, bool(allow_tf32) and element_size == 4)]
-
-
-def vocab_splits(n_rows: int, n_cols: int, config: LinearConfig, num_sms: int) -> int:
-    """Number of vocab ranges of the forward grid: enough programs to cover ``num_sms``.
-
-    ``splits = min(ceil(num_sms / token_blocks), vocab_tiles)``, at least 1.
-    """
-    token_blocks = max(1, triton.cdiv(n_rows, config.block_n))
-    vocab_tiles = max(1, triton.cdiv(n_cols, config.block_v))
-    return max(1, min(triton.cdiv(num_sms, token_blocks), vocab_tiles))
 
 
 def input_precision(element_size: int, allow_tf32: bool) -> str:
@@ -119,13 +104,35 @@ def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _grouped_tile(pid, n_row_blocks, n_col_blocks, GROUP: tl.constexpr):
+    """``(token block, vocab tile)`` of program ``pid``: ``GROUP`` token blocks walk the vocab tiles together."""
+    per_group = GROUP * n_col_blocks
+    first = (pid // per_group) * GROUP
+    size = tl.minimum(n_row_blocks - first, GROUP)
+    local = pid % per_group
+    return first + local % size, local // size
+
+
+@triton.jit
+def _rows(pid_n, n_rows, n_inner, targets_ptr, ignore_index, stride_h_outer, stride_h_inner,
+          BLOCK_N: tl.constexpr):
+    """Row ids (int64), in-range mask, targets, kept mask and int64 row offsets of token block ``pid_n``."""
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_rows = rows < n_rows
+    target = tl.load(targets_ptr + rows, mask=in_rows, other=ignore_index)
+    keep = in_rows & (target != ignore_index)
+    row_off = (rows // n_inner) * stride_h_outer + (rows % n_inner) * stride_h_inner
+    return rows, in_rows, target, keep, row_off
+
+
+@triton.jit
 def _logits_tile(
     h_ptr, w_ptr, b_ptr, row_off, row_ok, cols, col_ok,
     D, stride_w_v, inv_tau, softcap,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """Scaled logits ``s = cap(h W^T + b) / tau`` of one ``[BLOCK_N, BLOCK_V]`` tile (fp32), and
+    """Scaled logits ``s = cap(h W^T + b) / tau`` of one ``[BLOCK_N, BLOCK_V]`` tile (fp32, full ``D``), and
     ``1 - tanh^2(z / c)`` (the soft-cap derivative; 1.0 without soft-cap)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     w_off = cols.to(tl.int64) * stride_w_v
@@ -145,219 +152,275 @@ def _logits_tile(
 
 
 @triton.jit
-def _rows(pid_n, n_rows, n_inner, targets_ptr, ignore_index, stride_h_outer, stride_h_inner,
-          BLOCK_N: tl.constexpr):
-    """Row ids (int64), in-range mask, targets, kept mask and int64 row offsets of token block ``pid_n``."""
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_rows = rows < n_rows
-    target = tl.load(targets_ptr + rows, mask=in_rows, other=ignore_index)
-    keep = in_rows & (target != ignore_index)
-    row_off = (rows // n_inner) * stride_h_outer + (rows % n_inner) * stride_h_inner
-    return rows, in_rows, target, keep, row_off
-
-
-@triton.jit
 def _linear_logprobs_entropy_fwd(
     # pointers
     h_ptr,  # [rows, D] as (outer, inner) rows, any strides; fp32 / bf16 / fp16
-    w_ptr,  # [V, D], any strides, same dtype
+    w_ptr,  # [V, D], D unit-stride, same dtype
     b_ptr,  # [V] same dtype (unused unless HAS_BIAS)
     targets_ptr,  # [rows] int64
-    part_ptr,  # [3, splits, rows] fp32 out: partial m, S, T (last dim contiguous)
-    s_y_ptr,  # [rows] fp32 out: s at the target, written by the split that holds it
+    part_ptr,  # [3, tiles, rows] fp32 out: the tile's m, S, T (last dim contiguous)
+    s_y_ptr,  # [rows] fp32 out: s at the target, written by the tile that holds it
+    ws_ptr,  # [rows, >= v_end] out (STORE_LOGITS): s - m_tile in the workspace dtype
     # shapes
-    n_rows, n_inner, D, V, cols_per_split,
+    n_rows, n_inner, D, v_begin, v_end,
     # strides
-    stride_h_outer, stride_h_inner, stride_w_v, stride_part_stat, stride_part_split,  # D is unit-stride
+    stride_h_outer, stride_h_inner, stride_w_v, stride_part_stat, stride_part_tile, stride_ws_row,
     # scalars
     inv_tau, softcap, ignore_index,
     # meta
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    STORE_LOGITS: tl.constexpr,
 ):
-    """Program ``(i, k)``: token block ``i`` against vocab columns ``[k cols_per_split, (k+1) cols_per_split)``.
+    """One program = one tile: token block ``i`` x vocab columns ``[v_begin + j BLOCK_V, ...)`` of the chunk.
 
-    Per row: partial ``m = max s``, ``S = sum exp(s - m)``, ``T = sum exp(s - m)(s - m)``
-    over the range (``cols_per_split`` is a multiple of ``BLOCK_V``), and ``s_y``.
+    Per row: the tile's ``m = max s``, ``S = sum exp(s - m)``, ``T = sum exp(s - m)(s - m)`` into
+    ``part[:, j, rows]``, and ``s_y`` when the target falls in the tile.
     """
-    split = tl.program_id(1)
-    rows, in_rows, target, keep, row_off = _rows(tl.program_id(0), n_rows, n_inner, targets_ptr, ignore_index,
+    n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
+    n_col_blocks = tl.cdiv(v_end - v_begin, BLOCK_V)
+    pid_n, pid_v = _grouped_tile(tl.program_id(0), n_row_blocks, n_col_blocks, GROUP)
+    rows, in_rows, target, keep, row_off = _rows(pid_n, n_rows, n_inner, targets_ptr, ignore_index,
                                                  stride_h_outer, stride_h_inner, BLOCK_N)
-    v_begin = split * cols_per_split
-    v_end = tl.minimum(v_begin + cols_per_split, V)
-
-    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    S = tl.zeros((BLOCK_N,), tl.float32)
-    T = tl.zeros((BLOCK_N,), tl.float32)
-    s_y = tl.zeros((BLOCK_N,), tl.float32)
-    for v0 in range(v_begin, v_end, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < V
-        s, _ = _logits_tile(h_ptr, w_ptr, b_ptr, row_off, keep, cols, col_ok,
-                            D, stride_w_v, inv_tau, softcap,
-                            BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, INPUT_PRECISION, DOT_FP32)
-        tile_m, tile_S, tile_T = tile_stats_rows(s, col_ok[None, :])
-        m, S, T = merge_stats(m, S, T, tile_m, tile_S, tile_T)
-        s_y += tl.sum(tl.where(cols[None, :] == target[:, None], s, 0.0), axis=1)
-
-    part = part_ptr + split.to(tl.int64) * stride_part_split + rows
+    c0 = v_begin + pid_v * BLOCK_V
+    cols = c0 + tl.arange(0, BLOCK_V)
+    col_ok = cols < v_end
+    s, _ = _logits_tile(h_ptr, w_ptr, b_ptr, row_off, keep, cols, col_ok, D, stride_w_v, inv_tau, softcap,
+                        BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, INPUT_PRECISION, DOT_FP32)
+    m, S, T = tile_stats_rows(s, col_ok[None, :])
+    part = part_ptr + pid_v.to(tl.int64) * stride_part_tile + rows
     tl.store(part, m, mask=in_rows)
     tl.store(part + stride_part_stat, S, mask=in_rows)
     tl.store(part + 2 * stride_part_stat, T, mask=in_rows)
-    tl.store(s_y_ptr + rows, s_y, mask=keep & (target >= v_begin) & (target < v_end))
+    s_y = tl.sum(tl.where(cols[None, :] == target[:, None], s, 0.0), axis=1)
+    tl.store(s_y_ptr + rows, s_y, mask=keep & (target >= c0) & (target < c0 + BLOCK_V))
+    if STORE_LOGITS:
+        m_ref = tl.where(m == float("-inf"), 0.0, m)
+        ws = ws_ptr + rows[:, None] * stride_ws_row + cols[None, :]
+        tl.store(ws, (s - m_ref[:, None]).to(ws_ptr.dtype.element_ty), mask=in_rows[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _linear_logprobs_entropy_merge(
+def _linear_stats_merge(
     # pointers
-    part_ptr,  # [3, splits, rows] fp32: partial m, S, T from the forward
-    s_y_ptr,  # [rows] fp32 (read only for kept rows)
+    part_ptr,  # [3, tiles, rows] fp32: the chunk's tile statistics
+    run_ptr,  # [3, rows] fp32 in/out: running m, S, T (start: -inf, 0, 0)
+    s_y_ptr,  # [rows] fp32 (read when FINAL, kept rows only)
     targets_ptr,  # [rows] int64
-    logp_ptr,  # [rows] fp32 out (0 for ignored rows)
-    entropy_ptr,  # [rows] fp32 out (0 for ignored rows)
-    stats_ptr,  # [3, rows] fp32 out, every row: m, log S, H (saved for backward)
+    logp_ptr,  # [rows] fp32 out when FINAL (0 for ignored rows)
+    entropy_ptr,  # [rows] fp32 out when FINAL (0 for ignored rows)
+    stats_ptr,  # [3, rows] fp32 out when FINAL, every row: m, log S, H (saved for backward)
     # shapes
-    n_rows, n_splits,
+    n_rows, n_tiles,
     # strides
-    stride_part_stat, stride_part_split,
+    stride_part_stat, stride_part_tile,
     # scalars
     ignore_index,
     # meta
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, FINAL: tl.constexpr,
 ):
-    """One program = ``BLOCK`` rows: merge the ``n_splits`` partials in split order (deterministic),
-    then ``H = log S - T / S`` and ``logp = (s_y - m) - log S`` (``lse = m + log S``)."""
+    """One program = ``BLOCK`` rows: fold the ``n_tiles`` partials into the running statistics in tile
+    order (deterministic); when ``FINAL``, ``H = log S - T / S`` and ``logp = (s_y - m) - log S``."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_rows = rows < n_rows
-    target = tl.load(targets_ptr + rows, mask=in_rows, other=ignore_index)
-    keep = in_rows & (target != ignore_index)
-    m = tl.full((BLOCK,), float("-inf"), tl.float32)
-    S = tl.zeros((BLOCK,), tl.float32)
-    T = tl.zeros((BLOCK,), tl.float32)
+    run = run_ptr + rows
+    m = tl.load(run, mask=in_rows, other=float("-inf"))
+    S = tl.load(run + n_rows, mask=in_rows, other=0.0)
+    T = tl.load(run + n_rows + n_rows, mask=in_rows, other=0.0)
     part = part_ptr + rows
-    for _ in range(0, n_splits):
+    for _ in range(0, n_tiles):
         m, S, T = merge_stats(m, S, T,
                               tl.load(part, mask=in_rows, other=float("-inf")),
                               tl.load(part + stride_part_stat, mask=in_rows, other=0.0),
                               tl.load(part + 2 * stride_part_stat, mask=in_rows, other=0.0))
-        part += stride_part_split  # pointer arithmetic: 64-bit, no int32 product
-    log_S, H = finalize_stats(m, S, T)
-    s_y = tl.load(s_y_ptr + rows, mask=keep, other=0.0)
-    tl.store(logp_ptr + rows, tl.where(keep, target_logprob(s_y, m, log_S), 0.0), mask=in_rows)
-    tl.store(entropy_ptr + rows, tl.where(keep, H, 0.0), mask=in_rows)
-    row_stats = stats_ptr + rows  # planes n_rows apart; pointer steps, no int32 product
-    tl.store(row_stats, m, mask=in_rows)
-    tl.store(row_stats + n_rows, log_S, mask=in_rows)
-    tl.store(row_stats + n_rows + n_rows, H, mask=in_rows)
+        part += stride_part_tile  # pointer arithmetic: 64-bit, no int32 product
+    if FINAL:
+        target = tl.load(targets_ptr + rows, mask=in_rows, other=ignore_index)
+        keep = in_rows & (target != ignore_index)
+        log_S, H = finalize_stats(m, S, T)
+        s_y = tl.load(s_y_ptr + rows, mask=keep, other=0.0)
+        tl.store(logp_ptr + rows, tl.where(keep, target_logprob(s_y, m, log_S), 0.0), mask=in_rows)
+        tl.store(entropy_ptr + rows, tl.where(keep, H, 0.0), mask=in_rows)
+        row_stats = stats_ptr + rows  # planes n_rows apart; pointer steps, no int32 product
+        tl.store(row_stats, m, mask=in_rows)
+        tl.store(row_stats + n_rows, log_S, mask=in_rows)
+        tl.store(row_stats + n_rows + n_rows, H, mask=in_rows)
+    else:
+        tl.store(run, m, mask=in_rows)
+        tl.store(run + n_rows, S, mask=in_rows)
+        tl.store(run + n_rows + n_rows, T, mask=in_rows)
 
 
 @triton.jit
-def _linear_logprobs_entropy_bwd(
-    # pointers
-    h_ptr,  # [rows, D] as (outer, inner) rows, any strides
-    w_ptr,  # [V, D], any strides
-    b_ptr,  # [V] (unused unless HAS_BIAS)
-    targets_ptr,  # [rows] int64
-    stats_ptr,  # [3, rows] fp32 from the forward: m, log S, H
-    grad_logp_ptr,  # [rows] fp32 upstream (zeros when logp got no gradient)
-    grad_entropy_ptr,  # [rows] fp32 upstream (zeros when H got no gradient)
-    dh_ptr,  # [rows, D] fp32 contiguous, zero-initialized, accumulated (GRAD_HIDDEN)
-    dw_ptr,  # [V, D] fp32 contiguous, zero-initialized, accumulated (GRAD_WEIGHT)
-    db_ptr,  # [V] fp32, zero-initialized, accumulated (GRAD_BIAS)
-    # shapes
-    n_rows, n_inner, D, V,
-    # strides
-    stride_h_outer, stride_h_inner, stride_w_v,  # D is unit-stride
-    # scalars
-    inv_tau, softcap, ignore_index,
-    # meta
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
-    GRAD_HIDDEN: tl.constexpr, GRAD_WEIGHT: tl.constexpr, GRAD_BIAS: tl.constexpr,
-):
-    """One program = one ``[BLOCK_N, BLOCK_V]`` tile: recompute ``s``, then (``s = c tanh(z / c) / tau``)::
-
-        dz_i = (g_logp (1[i = y] - p_i) - g_H p_i (log p_i + H)) / tau * (1 - tanh^2(z_i / c))
-        dh += dz @ W_tile,  dW_tile += dz^T @ h,  db_tile += sum_rows dz       (fp32 atomics)
-    """
-    pid = tl.program_id(0)
-    n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
-    rows, in_rows, target, keep, row_off = _rows(pid % n_row_blocks, n_rows, n_inner, targets_ptr, ignore_index,
-                                                 stride_h_outer, stride_h_inner, BLOCK_N)
-    cols = (pid // n_row_blocks) * BLOCK_V + tl.arange(0, BLOCK_V)
-    col_ok = cols < V
-    s, dcap = _logits_tile(h_ptr, w_ptr, b_ptr, row_off, keep, cols, col_ok,
-                           D, stride_w_v, inv_tau, softcap,
-                           BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, INPUT_PRECISION, DOT_FP32)
+def _row_grad_inputs(stats_ptr, grad_logp_ptr, grad_entropy_ptr, rows, keep, n_rows):
+    """Saved ``(m, log S, H)`` and upstream gradients of a token block; ignored and padding rows get
+    ``m = +inf`` (so ``p = 0``) and zero gradients, hence ``dz = 0`` exactly."""
     row_stats = stats_ptr + rows
-    # Ignored and padding rows get m = +inf, so p = 0 and (g = 0, no target) dz = 0 exactly.
     m = tl.load(row_stats, mask=keep, other=float("inf"))
     log_S = tl.load(row_stats + n_rows, mask=keep, other=0.0)
     H = tl.load(row_stats + n_rows + n_rows, mask=keep, other=0.0)
     g_logp = tl.load(grad_logp_ptr + rows, mask=keep, other=0.0)
     g_H = tl.load(grad_entropy_ptr + rows, mask=keep, other=0.0)
+    return m, log_S, H, g_logp, g_H
+
+
+@triton.jit
+def _linear_logit_grad(
+    # pointers
+    h_ptr,  # [rows, D] as (outer, inner) rows, any strides
+    w_ptr,  # [V, D], D unit-stride
+    b_ptr,  # [V] (unused unless HAS_BIAS)
+    targets_ptr,  # [rows] int64
+    stats_ptr,  # [3, rows] fp32 from the forward: m, log S, H
+    grad_logp_ptr,  # [rows] fp32 upstream (zeros when logp got no gradient)
+    grad_entropy_ptr,  # [rows] fp32 upstream (zeros when H got no gradient)
+    dz_ptr,  # [rows, >= v_end - v_begin] out: dz of the chunk in the gradient-matmul dtype
+    db_part_ptr,  # [row blocks, >= v_end - v_begin] fp32 out (GRAD_BIAS): column sums of the token block
+    # shapes
+    n_rows, n_inner, D, v_begin, v_end,
+    # strides
+    stride_h_outer, stride_h_inner, stride_w_v, stride_dz_row, stride_db_part,
+    # scalars
+    inv_tau, softcap, ignore_index,
+    # meta
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    GRAD_BIAS: tl.constexpr,
+):
+    """One program = one tile: recompute ``s``, then (``s = c tanh(z / c) / tau``)::
+
+        dz_i = (g_logp (1[i = y] - p_i) - g_H p_i (log p_i + H)) / tau * (1 - tanh^2(z_i / c))
+
+    stored (rounded to ``dz_ptr``'s dtype) at ``dz[rows, cols - v_begin]``; with ``GRAD_BIAS`` the fp32
+    column sums over the block's rows go to ``db_part[i, cols - v_begin]``.
+    """
+    n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
+    n_col_blocks = tl.cdiv(v_end - v_begin, BLOCK_V)
+    pid_n, pid_v = _grouped_tile(tl.program_id(0), n_row_blocks, n_col_blocks, GROUP)
+    rows, in_rows, target, keep, row_off = _rows(pid_n, n_rows, n_inner, targets_ptr, ignore_index,
+                                                 stride_h_outer, stride_h_inner, BLOCK_N)
+    local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = v_begin + local
+    col_ok = cols < v_end
+    s, dcap = _logits_tile(h_ptr, w_ptr, b_ptr, row_off, keep, cols, col_ok, D, stride_w_v, inv_tau, softcap,
+                           BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, INPUT_PRECISION, DOT_FP32)
+    m, log_S, H, g_logp, g_H = _row_grad_inputs(stats_ptr, grad_logp_ptr, grad_entropy_ptr, rows, keep, n_rows)
     dz = logit_grad(s, col_ok[None, :], cols[None, :] == target[:, None],
                     m[:, None], log_S[:, None], H[:, None], g_logp[:, None], g_H[:, None], inv_tau)
     if HAS_SOFTCAP:
         dz = dz * dcap
+    tl.store(dz_ptr + rows[:, None] * stride_dz_row + local[None, :], dz.to(dz_ptr.dtype.element_ty),
+             mask=in_rows[:, None] & col_ok[None, :])
     if GRAD_BIAS:
-        tl.atomic_add(db_ptr + cols, tl.sum(dz, axis=0), mask=col_ok, sem="relaxed")
-    dz_in = dz.to(h_ptr.dtype.element_ty)  # the gradient matmuls run in the input dtype, fp32 accumulation
-
-    if GRAD_HIDDEN or GRAD_WEIGHT:
-        w_off = cols.to(tl.int64) * stride_w_v
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = d < D
-            if GRAD_HIDDEN:
-                w = tl.load(w_ptr + w_off[:, None] + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                dh = _dot(dz_in, w, None, INPUT_PRECISION, DOT_FP32)
-                tl.atomic_add(dh_ptr + rows[:, None] * D + d[None, :], dh,
-                              mask=keep[:, None] & d_ok[None, :], sem="relaxed")
-            if GRAD_WEIGHT:
-                h = tl.load(h_ptr + row_off[:, None] + d[None, :], mask=keep[:, None] & d_ok[None, :], other=0.0)
-                dw = _dot(tl.trans(dz_in), h, None, INPUT_PRECISION, DOT_FP32)
-                tl.atomic_add(dw_ptr + cols.to(tl.int64)[:, None] * D + d[None, :], dw,
-                              mask=col_ok[:, None] & d_ok[None, :], sem="relaxed")
+        tl.store(db_part_ptr + pid_n.to(tl.int64) * stride_db_part + local, tl.sum(dz, axis=0), mask=col_ok)
 
 
-def compile_specs() -> list[dict]:
-    """Every kernel configuration the dispatcher can launch on CUDA, for ahead-of-time compile checks.
+@triton.jit
+def _linear_onepass_grad(
+    # pointers
+    ws_ptr,  # [rows, V] in/out: s - m_tile from the forward (STORE_LOGITS) -> dz, same dtype
+    part_ptr,  # [3, tiles, rows] fp32: the forward's tile statistics (only m is read)
+    targets_ptr,  # [rows] int64
+    stats_ptr,  # [3, rows] fp32: m, log S, H
+    grad_logp_ptr,  # [rows] fp32
+    grad_entropy_ptr,  # [rows] fp32
+    db_part_ptr,  # [row blocks, V] fp32 out (GRAD_BIAS)
+    # shapes
+    n_rows, V,
+    # strides
+    stride_ws_row, stride_part_tile, stride_db_part,
+    # scalars
+    inv_tau, tau_over_cap, ignore_index,
+    # meta
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr, GRAD_BIAS: tl.constexpr,
+):
+    """One program = one ``[BLOCK_N, BLOCK_V]`` tile of the workspace (``BLOCK_V`` = the forward's, so tile
+    ``j`` of the workspace is partial ``j``): ``s = ws + m_tile``, then ``dz`` as in ``_linear_logit_grad``
+    with the soft-cap derivative ``1 - (s tau / c)^2`` (``s tau / c = tanh(z / c)``), written in place."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_rows = rows < n_rows
+    target = tl.load(targets_ptr + rows, mask=in_rows, other=ignore_index)
+    keep = in_rows & (target != ignore_index)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < V
+    m_tile = tl.load(part_ptr + pid_v.to(tl.int64) * stride_part_tile + rows, mask=in_rows, other=0.0)
+    m_tile = tl.where(m_tile == float("-inf"), 0.0, m_tile)
+    ws = ws_ptr + rows[:, None] * stride_ws_row + cols[None, :]
+    ok = in_rows[:, None] & col_ok[None, :]
+    s = tl.load(ws, mask=ok, other=float("-inf")).to(tl.float32) + m_tile[:, None]
+    m, log_S, H, g_logp, g_H = _row_grad_inputs(stats_ptr, grad_logp_ptr, grad_entropy_ptr, rows, keep, n_rows)
+    dz = logit_grad(s, col_ok[None, :], cols[None, :] == target[:, None],
+                    m[:, None], log_S[:, None], H[:, None], g_logp[:, None], g_H[:, None], inv_tau)
+    if HAS_SOFTCAP:
+        t = s * tau_over_cap
+        dz = dz * (1.0 - t * t)
+    tl.store(ws, dz.to(ws_ptr.dtype.element_ty), mask=ok)
+    if GRAD_BIAS:
+        tl.store(db_part_ptr + pid_n.to(tl.int64) * stride_db_part + cols, tl.sum(tl.where(ok, dz, 0.0), axis=0),
+                 mask=col_ok)
 
-    Each entry: ``kernel``, ``signature`` (argument -> Triton type), ``constexprs``, ``num_warps``,
-    ``options``. Strides are typed ``i64``. ``DOT_FP32`` is always False here (interpreter only).
-    """
+
+def gemm_dtype_name(dtype_name: str) -> str:
+    """The dtype of ``dz`` and of the gradient matmuls' operands: bf16 for fp16 inputs (fp16 would flush
+    ``dz ~ g p`` to zero, see ``entropy_ops.linear_ops``), else the input dtype."""
+    return "bf16" if dtype_name == "fp16" else dtype_name
+
+
+def compile_specs() -> list[LaunchSpec]:
+    """Every configuration of the tile kernels the dispatcher can launch on CUDA, at N=8192, D=4096,
+    V=131072 with vocab chunks of Vc=4096 (second chunk: ``v_begin`` = 4096), contiguous ``hidden``.
+
+    The constexpr flags multiply: per input dtype / precision (fp32 IEEE, fp32 TF32, bf16, fp16) the
+    forward has 8 (bias x soft-cap x STORE_LOGITS, the last for the one-pass loss), the ``dz`` kernel 6
+    (bias x soft-cap x bias gradient when there is a bias); ``_linear_onepass_grad`` 8 (workspace bf16 /
+    fp32 x soft-cap x bias gradient), the merge 2: 66 in all, every one launchable. ``DOT_FP32`` is
+    always False here (interpreter only)."""
+    n, d, vc, v = 8192, 4096, 4096, 131072
     specs = []
     for dt, elem, tf32 in (("fp32", 4, False), ("fp32", 4, True), ("bf16", 2, False), ("fp16", 2, False)):
-        fwd_cfg, bwd_cfg = launch_config(elem, tf32)
-        common_sig = {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "targets_ptr": "*i64"}
-        strides = {k: "i64" for k in ("stride_h_outer", "stride_h_inner", "stride_w_v")}
-        scalars = {"inv_tau": "fp32", "softcap": "fp32", "ignore_index": "i64"}
-        fwd_sig = {**common_sig, "part_ptr": "*fp32", "s_y_ptr": "*fp32", "n_rows": "i32", "n_inner": "i32",
-                   "D": "i32", "V": "i32", "cols_per_split": "i32", **strides,
-                   "stride_part_stat": "i64", "stride_part_split": "i64", **scalars}
-        bwd_sig = {**common_sig, "stats_ptr": "*fp32", "grad_logp_ptr": "*fp32",
-                   "grad_entropy_ptr": "*fp32", "dh_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32",
-                   "n_rows": "i32", "n_inner": "i32", "D": "i32", "V": "i32", **strides, **scalars}
+        fwd, bwd = launch_config(elem, tf32)
+        gd = gemm_dtype_name(dt)
+        for has_bias in (False, True):
+            for has_softcap in (False, True):
+                meta = dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, INPUT_PRECISION=input_precision(elem, tf32),
+                            DOT_FP32=False, GROUP=GROUP_N)
+                common = dict(h_ptr=Pointer(dt), w_ptr=Pointer(dt), b_ptr=Pointer(dt), targets_ptr=Pointer("i64"))
+                for store in (False, True):
+                    # one-pass: the whole vocabulary per token chunk (v_begin 0, v_end V), workspace [n, V]
+                    v0, v1, tiles = (0, v, v // fwd.block_v) if store else (vc, 2 * vc, vc // fwd.block_v)
+                    args = dict(common, part_ptr=Pointer("fp32"), s_y_ptr=Pointer("fp32"), ws_ptr=Pointer(gd),
+                                n_rows=n, n_inner=n, D=d, v_begin=v0, v_end=v1, stride_h_outer=n * d,
+                                stride_h_inner=d, stride_w_v=d, stride_part_stat=tiles * n, stride_part_tile=n,
+                                stride_ws_row=v, inv_tau=1.0, softcap=30.0, ignore_index=-100,
+                                BLOCK_N=fwd.block_n, BLOCK_V=fwd.block_v, BLOCK_D=fwd.block_d, **meta,
+                                STORE_LOGITS=store)
+                    specs.append(LaunchSpec(_linear_logprobs_entropy_fwd, args, fwd.num_warps, fwd.num_stages,
+                                            f"forward [{dt}{' tf32' if tf32 else ''}]" + (" one-pass" if store else "")))
+                for grad_bias in ((False, True) if has_bias else (False,)):
+                    args = dict(common, stats_ptr=Pointer("fp32"), grad_logp_ptr=Pointer("fp32"),
+                                grad_entropy_ptr=Pointer("fp32"), dz_ptr=Pointer(gd), db_part_ptr=Pointer("fp32"),
+                                n_rows=n, n_inner=n, D=d, v_begin=vc, v_end=2 * vc, stride_h_outer=n * d,
+                                stride_h_inner=d, stride_w_v=d, stride_dz_row=vc, stride_db_part=vc,
+                                inv_tau=1.0, softcap=30.0, ignore_index=-100,
+                                BLOCK_N=bwd.block_n, BLOCK_V=bwd.block_v, BLOCK_D=bwd.block_d, **meta,
+                                GRAD_BIAS=grad_bias)
+                    specs.append(LaunchSpec(_linear_logit_grad, args, bwd.num_warps, bwd.num_stages,
+                                            f"dz [{dt}{' tf32' if tf32 else ''}]"))
+    for gd, cfg in (("bf16", launch_config(2)[0]), ("fp32", launch_config(4)[0])):
         for has_softcap in (False, True):
-            for has_bias in (False, True):
-                meta = dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap,
-                            INPUT_PRECISION=input_precision(elem, tf32), DOT_FP32=False)
-                specs.append(_spec(_linear_logprobs_entropy_fwd, fwd_sig, fwd_cfg, meta))
-                for g_h, g_w, g_b in ((1, 0, 0), (0, 1, 0), (1, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 1), (1, 1, 1)):
-                    if g_b and not has_bias:
-                        continue
-                    grads = dict(GRAD_HIDDEN=bool(g_h), GRAD_WEIGHT=bool(g_w), GRAD_BIAS=bool(g_b))
-                    specs.append(_spec(_linear_logprobs_entropy_bwd, bwd_sig, bwd_cfg, {**meta, **grads}))
-    merge_sig = {"part_ptr": "*fp32", "s_y_ptr": "*fp32", "targets_ptr": "*i64", "logp_ptr": "*fp32",
-                 "entropy_ptr": "*fp32", "stats_ptr": "*fp32", "n_rows": "i32", "n_splits": "i32",
-                 "stride_part_stat": "i64", "stride_part_split": "i64", "ignore_index": "i64", "BLOCK": "constexpr"}
-    specs.append(dict(kernel=_linear_logprobs_entropy_merge, signature=merge_sig, constexprs={"BLOCK": MERGE_BLOCK},
-                      num_warps=MERGE_WARPS))
+            for grad_bias in (False, True):
+                args = dict(ws_ptr=Pointer(gd), part_ptr=Pointer("fp32"), targets_ptr=Pointer("i64"),
+                            stats_ptr=Pointer("fp32"), grad_logp_ptr=Pointer("fp32"), grad_entropy_ptr=Pointer("fp32"),
+                            db_part_ptr=Pointer("fp32"), n_rows=n, V=v, stride_ws_row=v, stride_part_tile=n,
+                            stride_db_part=v, inv_tau=1.0, tau_over_cap=1 / 30.0, ignore_index=-100,
+                            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, HAS_SOFTCAP=has_softcap, GRAD_BIAS=grad_bias)
+                specs.append(LaunchSpec(_linear_onepass_grad, args, ONEPASS_WARPS, 1, f"one-pass dz [{gd}]"))
+    for final in (False, True):
+        args = dict(part_ptr=Pointer("fp32"), run_ptr=Pointer("fp32"), s_y_ptr=Pointer("fp32"),
+                    targets_ptr=Pointer("i64"), logp_ptr=Pointer("fp32"), entropy_ptr=Pointer("fp32"),
+                    stats_ptr=Pointer("fp32"), n_rows=n, n_tiles=vc // 128, stride_part_stat=(vc // 128) * n,
+                    stride_part_tile=n, ignore_index=-100, BLOCK=MERGE_BLOCK, FINAL=final)
+        specs.append(LaunchSpec(_linear_stats_merge, args, MERGE_WARPS, 1, "merge" + (" final" if final else "")))
     return specs
-
-
-def _spec(kernel, signature, cfg: LinearConfig, meta: dict) -> dict:
-    constexprs = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, **meta)
-    return dict(kernel=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}},
-                constexprs=constexprs, num_warps=cfg.num_warps, options={"num_stages": cfg.num_stages})

@@ -203,23 +203,22 @@ def test_cpu_small_blocks():
         assert_close(*_grad_view(name, got, ref.grad), 1e-5, name, rowwise=True)
 
 
-def test_vocab_split_merge():
-    """One split and many splits of the forward agree with each other and with the oracle."""
-    from entropy_ops.kernels.linear_logprobs_entropy import LinearConfig, vocab_splits
+def test_vocab_chunks_agree():
+    """The forward over one vocab chunk and over many (partial last chunk) agree with each other and with the
+    oracle; the saved statistics too (the merge folds chunks in order)."""
+    from entropy_ops.kernels.linear_logprobs_entropy import LinearConfig
 
     cfg = LinearConfig(16, 64, 32, 1, 1)
-    assert vocab_splits(7, 1000, cfg, 1) == 1 and vocab_splits(7, 1000, cfg, 10) == 10
-    assert vocab_splits(7, 1000, cfg, 1000) == 16 and vocab_splits(10_000, 1000, cfg, 132) == 1
     hidden, weight, bias, targets = make_inputs(7, 32, 1000, torch.float32, seed=71)
-    params = LinearOpParams(backend="triton", temperature=0.9)
     h3d = hidden.unsqueeze(0)
-    one = linear_ops.linear_forward_triton(h3d, weight, bias, targets, params, config=cfg, num_sms=1)
-    many = linear_ops.linear_forward_triton(h3d, weight, bias, targets, params, config=cfg, num_sms=1000)
+    outs = [linear_ops.linear_forward_triton(h3d, weight, bias, targets,
+                                             LinearOpParams(backend="triton", temperature=0.9, vocab_chunk=chunk),
+                                             config=(cfg, cfg)) for chunk in (None, 64, 300)]
     ref_logp, ref_H = reference(hidden, weight, bias, targets, 0.9)
-    for out in (one, many):
+    for out in outs:
         assert_close(out[0], ref_logp, 1e-5, "logp")
         assert_close(out[1], ref_H, 1e-5, "entropy")
-    assert_close(one[2], many[2], 1e-6, "saved stats")
+        assert_close(out[2], outs[0][2], 1e-6, "saved stats")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -280,6 +279,11 @@ def test_empty_and_no_entropy(backend):
 
 def test_launch_config_and_precision():
     from entropy_ops.kernels.linear_logprobs_entropy import input_precision, launch_config
+    from entropy_ops.linear_triton import vocab_chunk_size
+
+    assert vocab_chunk_size(8192, 4096, 131072, 2, 128) == 2048  # N Vc 2 <= N D: Vc = D / 2
+    assert vocab_chunk_size(8, 64, 1000, 2, 128) == 1024  # 16 MiB floor: the whole (tile-rounded) vocab
+    assert vocab_chunk_size(8, 64, 1000, 2, 128, 200) == 256  # an explicit chunk: whole tiles
 
     assert input_precision(4, False) == "ieee" and input_precision(4, True) == "tf32"
     assert input_precision(2, True) == "ieee"

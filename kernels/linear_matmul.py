@@ -1,0 +1,81 @@
+"""Triton kernel: ``C = A @ B`` (or ``C += A @ B``) with fp32 accumulation, for the gradient matmuls of the
+hidden-state op.
+
+Per vocab chunk the backward of ``linear_logprobs_and_entropy`` runs two plain matmuls on the chunk's
+``dz`` ``[N, Vc]``: ``dW[chunk] = dz^T h`` (``[Vc, N] @ [N, D]``, written once in the weight's dtype) and
+``dh += dz W[chunk]`` (``[N, Vc] @ [Vc, D]`` added into an fp32 ``[N, D]`` accumulator). They run in
+cuBLAS by default (``torch.mm`` / ``torch.addmm`` with ``out_dtype``); this kernel is the switchable
+alternative (``matmul="triton"``), so that a GPU run can settle which is faster.
+
+One program = one ``[BLOCK_M, BLOCK_N]`` tile of ``C``, the whole ``K`` reduction in registers (fp32),
+one store: no split-K, no atomics, deterministic. Programs in the grouped order of the Triton matmul
+tutorial (``GROUP_M`` row blocks sweep the column blocks together, sharing ``B`` tiles in L2). Offsets in
+int64. Operands may have any strides (``dz^T`` is read as a transposed view).
+"""
+import triton
+import triton.language as tl
+
+from ._aot import LaunchSpec, Pointer
+
+from .linear_logprobs_entropy import _dot, _grouped_tile
+
+# The Triton matmul tutorial's Hopper tile: m64n128k16 wgmma per warp group, 4 stages of
+# (128 + 128) x 64 x 2 bytes = 128 KiB of shared memory (bf16). Not tuned on a GPU yet.
+MATMUL_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+MATMUL_WARPS, MATMUL_STAGES = 8, 4
+
+
+@triton.jit
+def _matmul(
+    # pointers
+    a_ptr,  # [M, K] any strides
+    b_ptr,  # [K, N] any strides, same dtype as a
+    c_ptr,  # [M, N] any strides: out (ACCUMULATE: in/out); fp32 or the operands' dtype
+    # shapes
+    M, N, K,
+    # strides
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    # meta
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """One program = one ``[BLOCK_M, BLOCK_N]`` tile of ``C = A @ B`` (``+ C`` when ``ACCUMULATE``), fp32
+    accumulation over all of ``K``, one store in ``C``'s dtype: no atomics, no split-K."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
+                    mask=(rm < M)[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
+                    mask=k_ok[:, None] & (rn < N)[None, :], other=0.0)
+        acc = _dot(a, b, acc, INPUT_PRECISION, DOT_FP32)
+    c = c_ptr + rm[:, None] * stride_cm + rn[None, :] * stride_cn
+    ok = (rm < M)[:, None] & (rn < N)[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c, mask=ok, other=0.0).to(tl.float32)
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=ok)
+
+
+def compile_specs() -> list[LaunchSpec]:
+    """The launches of ``_matmul`` the dispatcher makes with ``matmul="triton"`` on CUDA, at N=8192, D=4096,
+    Vc=4096, per operand dtype: ``dW`` chunk (``dz^T`` as a transposed view, C in the weight dtype, or fp32
+    when accumulating over token chunks) and ``dh`` (C fp32, accumulating). fp16 inputs run their
+    gradient matmuls in bf16 (``linear_ops``), so there is no fp16 launch."""
+    n, d, vc = 8192, 4096, 4096
+    specs = []
+    for dt, prec in (("bf16", "ieee"), ("fp32", "ieee"), ("fp32", "tf32")):
+        for label, (m_, n_, k_), a_strides, b_strides, c_dtype, acc in (
+            ("dW = dz^T h", (vc, d, n), (1, vc), (d, 1), dt, False),
+            ("dW += dz^T h (token chunks)", (vc, d, n), (1, vc), (d, 1), "fp32", True),
+            ("dh += dz W", (n, d, vc), (vc, 1), (d, 1), "fp32", True),
+        ):
+            args = dict(a_ptr=Pointer(dt), b_ptr=Pointer(dt), c_ptr=Pointer(c_dtype), M=m_, N=n_, K=k_,
+                        stride_am=a_strides[0], stride_ak=a_strides[1], stride_bk=b_strides[0],
+                        stride_bn=b_strides[1], stride_cm=d, stride_cn=1, **MATMUL_CONFIG,
+                        ACCUMULATE=acc, INPUT_PRECISION=prec, DOT_FP32=False)
+            specs.append(LaunchSpec(_matmul, args, MATMUL_WARPS, MATMUL_STAGES, f"{label} [{dt}, {prec}]"))
+    return specs
