@@ -88,6 +88,8 @@ class TrainConfig:
     torch_threads: int = _f(0, "CPU threads for torch; 0: auto (1 for a model under 10M parameters on CPU, "
                                "else torch's default of one per physical core).")
     backend: str = _f("auto", "Fused-op backend: 'auto', 'triton' or 'torch'.")
+    parallelism: str = _f("ddp", "Under torchrun: 'ddp' (every rank holds the whole model and optimizer) or 'fsdp' "
+                                 "(FSDP2: parameters, gradients and optimizer state sharded over ranks; docs/distributed.md).")
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -175,6 +177,10 @@ class TrainConfig:
         _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("backend", self.backend, ("auto", "triton", "torch"))
+        _one_of("parallelism", self.parallelism, ("ddp", "fsdp"))
+        from .fsdp import check_config as check_parallelism
+
+        check_parallelism(self)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         self._validate_plugins()

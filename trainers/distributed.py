@@ -30,8 +30,12 @@ What each rank does, and why the result is the single-process step:
   is assumed for ``--resume``); each rank's random state goes into the
   checkpoint, so a resumed run continues every rank's stream.
 
-Every replica holds the whole model and optimizer state: this is data
-parallelism for models that fit one device (FSDP sharding is not implemented).
+With ``parallelism: ddp`` (the default) every replica holds the whole model
+and optimizer state: data parallelism for models that fit one device. With
+``parallelism: fsdp`` the same step runs on a model sharded with FSDP2
+(``fsdp.py``): each rank holds ``1/W`` of the parameters, gradients and
+optimizer state, FSDP's reduce-scatter sums the gradients, and
+:func:`sum_gradients` leaves those sharded (``DTensor``) gradients alone.
 """
 from __future__ import annotations
 
@@ -121,6 +125,12 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
     return all_reduce_extreme(1.0 if flag else 0.0, ctx, largest=True) > 0
 
 
+def _is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def _comm_device(ctx: DistContext) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -139,9 +149,13 @@ def _buckets(tensors: list[torch.Tensor], bucket_bytes: int):
 
 
 def sum_gradients(params: list[torch.nn.Parameter], ctx: DistContext, bucket_bytes: int = BUCKET_BYTES) -> None:
-    """Replace each ``p.grad`` by its sum over ranks (a missing gradient counts as zeros)."""
+    """Replace each ``p.grad`` by its sum over ranks (a missing gradient counts as zeros).
+
+    Parameters sharded by FSDP (``DTensor``) are skipped: their backward already summed them.
+    """
     if not ctx.enabled:
         return
+    params = [p for p in params if not _is_sharded(p)]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -164,12 +178,17 @@ def broadcast_parameters(module: torch.nn.Module, ctx: DistContext) -> None:
 
 
 def replica_max_abs_diff(module: torch.nn.Module, ctx: DistContext) -> float:
-    """``max |p_r - p_0|`` over ranks and parameters: 0.0 when the replicas are identical."""
+    """``max |p_r - p_0|`` over ranks and replicated parameters: 0.0 when the replicas are identical.
+
+    FSDP-sharded parameters (``DTensor``) have one copy, not replicas: they are not compared.
+    """
     if not ctx.enabled:
         return 0.0
     worst = 0.0
     with torch.no_grad():
         for p in module.parameters():
+            if _is_sharded(p):
+                continue
             ref = p.detach().clone()
             dist.broadcast(ref, src=0)
             worst = max(worst, float((p.detach() - ref).abs().max()))

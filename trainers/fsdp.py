@@ -1,0 +1,271 @@
+"""Fully sharded data parallelism (FSDP2, ``torch.distributed.fsdp.fully_shard``) for the trainer.
+
+Switched on with ``parallelism: fsdp`` under ``torchrun`` (``docs/distributed.md``). The step is the
+data-parallel step of ``distributed.py`` (each rank samples and trains on its ``num_prompts / W``
+prompt groups, micro-batch losses weighted by their share of the global batch), with the model
+state sharded instead of replicated:
+
+- **units**: every transformer block (the classes in the model's ``_no_split_modules``) is one FSDP
+  unit; everything else (token embeddings, final norm, ``lm_head``, tied or not) belongs to the root
+  unit, a thin wrapper module around the Hugging Face model. Each rank keeps a dim-0 shard (a
+  ``DTensor``) of every parameter, of its gradient and of AdamW's two moments (the optimizer is
+  built on the sharded parameters): ``1/W`` of each.
+- **the fused op sees the full lm_head weight**: FSDP2 all-gathers a unit's parameters in that
+  unit's forward pre-hook, and the trainer never calls the model's own ``forward`` (it runs the
+  body, then hands ``lm_head.weight`` to the fused op). So every computation on the policy (the
+  micro-batch loss, scoring, generation) runs *inside the root wrapper's forward*
+  (``_Root.forward(fn) = fn()``): the root unit is unsharded there, and ``LiveHead`` reads the
+  module's current ``lm_head`` parameter on each access, i.e. the full ``[V, D]`` weight (the
+  ``LMHead`` captured at load time would hold the sharded ``DTensor``). The root unit stays
+  unsharded through backward; FSDP's end-of-backward callback reduce-scatters its gradient and
+  reshards it.
+- **sum, not mean**: the micro-batch weights already make the per-rank gradients add up to the
+  global batch's gradient, so the reduce-scatter sums (gradient divide factor 1; FSDP's default
+  divides by ``W``).
+- **generation** (``ShardedEngine``): inside the root's forward, every unit is all-gathered once
+  and kept unsharded for the whole ``generate`` call (one all-gather per unit and call, not per
+  token; ranks may then stop after different numbers of tokens), then resharded. Peak memory
+  during generation is the full parameters in their dtype, plus the KV cache.
+- **clipping**: ``torch.nn.utils.clip_grad_norm_`` accepts the sharded ``DTensor`` gradients; the
+  global norm is ``sqrt(sum_r ||g_r||^2)`` over the shards (one all-reduce).
+- **checkpoints** (``checkpoint_parts``, ``load_optimizer_state``): the full model and optimizer
+  state dicts are gathered to rank 0 (CPU) with ``torch.distributed.checkpoint.state_dict`` and
+  written in the data-parallel format: ``model.safetensors`` by ``save_pretrained`` and the
+  optimizer state keyed by parameter index in ``trainer_state.pt``. A checkpoint resumes under
+  either parallelism and any world size; a resume reloads the full weights on every rank, shards
+  them again and scatters the optimizer state to the same shards, so it continues bit for bit.
+- **evaluation** runs on every rank (same prompts, same seed, same sampled completions), because
+  scoring goes through the sharded units' collectives; rank 0 alone logs it.
+
+Not combined with FSDP (``check_config`` refuses them at validation): ``dynamic_sampling`` (ranks
+would run different numbers of forward passes, and every pass is a collective) and
+``rollout_engine: vllm`` (its weight sync reads the unsharded model). The reference model of a KL
+term is not sharded: each rank holds a full frozen copy.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+
+def check_config(config) -> None:
+    """Raise ``ValueError`` for options that do not combine with ``parallelism: fsdp``."""
+    if config.parallelism != "fsdp":
+        return
+    if config.dynamic_sampling:
+        raise ValueError("parallelism 'fsdp' does not support dynamic_sampling: ranks left with different numbers "
+                         "of groups would run different numbers of sharded forward passes")
+    if config.rollout_engine != "hf":
+        raise ValueError(f"parallelism 'fsdp' needs rollout_engine 'hf', got {config.rollout_engine!r}: "
+                         "the engine's weight sync reads unsharded parameters")
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: modules whose class is named in ``model._no_split_modules``."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__}: no transformer blocks to shard (its _no_split_modules "
+                         f"{sorted(names)} name no submodule)")
+    return blocks
+
+
+class _Root(nn.Module):
+    """FSDP's root unit: owns the parameters outside the blocks; its forward runs a closure."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn):
+        return fn()
+
+
+class LiveHead:
+    """The output head as ``read(model)`` returns it now, read afresh on every attribute access.
+
+    Inside the root's forward this is the unsharded ``lm_head`` parameter; outside it, the shard.
+    """
+
+    def __init__(self, model: nn.Module, read) -> None:
+        self._model, self._read = model, read
+
+    def __getattr__(self, name):
+        return getattr(self._read(self._model), name)
+
+
+class ShardedPolicy:
+    """A Hugging Face causal LM sharded with ``fully_shard`` over all ranks of the default group.
+
+    ``run(fn)`` calls ``fn()`` inside the root unit's forward (nested calls run directly);
+    ``run(fn, full=True)`` first unshards every unit and keeps them unsharded until ``fn``
+    returns. Every unit is resharded when ``fn``'s output holds no tensor that requires grad (and
+    by FSDP's backward otherwise), so the module's parameters are the sharded ones whenever the
+    optimizer runs: a loss computed under ``run`` must be backpropagated before the next step.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import DTensor
+
+        self.model = model
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        self.blocks = [fully_shard(block, mesh=mesh, reshard_after_forward=True) for block in transformer_blocks(model)]
+        self.root = fully_shard(_Root(model), mesh=mesh)
+        self.units = [self.root, *self.blocks]
+        for unit in self.units:
+            unit.set_gradient_divide_factor(1.0)  # sum over ranks: see the module docstring
+            unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+        self._depth = 0
+        with torch.no_grad():  # resharded after it: the optimizer must be built on the shards
+            self.run(lambda: None)  # the first forward decides FSDP's root: it must be the wrapper's
+        unsharded = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+        if unsharded:
+            raise RuntimeError(f"parameters left unsharded after fully_shard: {unsharded[:4]}")
+
+    def run(self, fn, *, full: bool = False):
+        if self._depth:
+            return fn()
+        self._depth += 1
+        backward_pending = False  # until fn returns an output with an autograd graph
+        try:
+            if full:
+                for unit in self.units:
+                    unit.unshard()
+                for block in self.blocks:
+                    block.set_reshard_after_forward(False, recurse=False)
+            out = self.root(fn)
+            backward_pending = _requires_grad(out)
+            return out
+        finally:
+            self._depth -= 1
+            if full:
+                for block in self.blocks:
+                    block.set_reshard_after_forward(True, recurse=False)
+            if full or not backward_pending:
+                for unit in self.units:
+                    unit.reshard()
+
+    def wrap(self, method):
+        """``method`` run inside the root's forward (for the trainer's loss and scoring methods)."""
+        def inside_root(*args, **kwargs):
+            return self.run(lambda: method(*args, **kwargs))
+
+        inside_root.__wrapped__ = method
+        return inside_root
+
+    # ------------------------------------------------------------- checkpoints
+    def checkpoint_parts(self, optimizer):
+        """``(model for save_pretrained, optimizer state dict)`` on rank 0, ``(None, None)`` elsewhere.
+
+        Collective: every rank calls it. Both are full (unsharded) CPU copies: the weights from
+        ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``, the optimizer state as
+        ``Optimizer.state_dict()`` of the unsharded model (keyed by parameter index), each sharded
+        state tensor all-gathered in turn.
+        """
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        main = dist.get_rank() == 0
+        sharded = optimizer.state_dict()
+        state = {}
+        for index, entries in sharded["state"].items():  # the same order on every rank
+            full = {key: _gathered(value) for key, value in entries.items()}
+            if main:
+                state[index] = full
+        if not main:
+            return None, None
+        return _FullWeights(self.model, weights), {"state": state, "param_groups": sharded["param_groups"]}
+
+    def load_optimizer_state(self, optimizer, state: dict) -> None:
+        """Load a full, index-keyed optimizer state dict (any world size, either parallelism).
+
+        Every rank holds the whole dict (read from the checkpoint) and keeps its own shard of each
+        state tensor (the parameter's placements, sliced locally: no communication).
+        """
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if len(params) != sum(len(g["params"]) for g in state["param_groups"]):
+            raise ValueError("the checkpoint's optimizer state does not match the model's parameters")
+        local = {index: {key: _sharded_like(value, params[int(index)]) for key, value in entries.items()}
+                 for index, entries in state["state"].items()}
+        optimizer.load_state_dict({"state": local, "param_groups": state["param_groups"]})
+
+
+def _requires_grad(out) -> bool:
+    """Whether ``out`` (a tensor, or tuples, lists and dicts of them) holds a tensor that requires grad."""
+    if isinstance(out, torch.Tensor):
+        return out.requires_grad
+    if isinstance(out, (tuple, list)):
+        return any(_requires_grad(o) for o in out)
+    if isinstance(out, dict):
+        return any(_requires_grad(o) for o in out.values())
+    return False
+
+
+def _gathered(value):
+    """A state entry unsharded to the CPU (a ``DTensor`` is all-gathered; anything else is returned as is)."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor().cpu() if isinstance(value, DTensor) else value
+
+
+def _sharded_like(value, param):
+    """``value`` (a full tensor shaped like ``param``) cut to this rank's shard of the sharded ``param``."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not (isinstance(param, DTensor) and isinstance(value, torch.Tensor) and value.shape == param.shape):
+        return value
+    return distribute_tensor(value.to(param.to_local().device), param.device_mesh, param.placements,
+                             src_data_rank=None)
+
+
+class ShardedEngine:
+    """A rollout engine whose ``generate`` runs with the policy unsharded (``ShardedPolicy.run(full=True)``)."""
+
+    def __init__(self, engine, policy: ShardedPolicy) -> None:
+        self._engine, self._policy = engine, policy
+
+    def generate(self, *args, **kwargs):
+        return self._policy.run(lambda: self._engine.generate(*args, **kwargs), full=True)
+
+    def update_weights(self, model) -> None:
+        self._engine.update_weights(model)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+class _FullWeights:
+    """What ``save_checkpoint`` needs of a model: ``save_pretrained`` writing the gathered full weights."""
+
+    def __init__(self, model: nn.Module, state_dict: dict) -> None:
+        self._model, self._state_dict = model, state_dict
+
+    def save_pretrained(self, path: str, **kwargs) -> None:
+        self._model.save_pretrained(path, state_dict=self._state_dict, **kwargs)
+
+
+def apply(trainer):
+    """Shard ``trainer.model`` over the ranks and route the trainer's policy computations through the root.
+
+    Replaces, on the trainer instance: ``head`` (a ``LiveHead``), ``engine`` (a ``ShardedEngine``),
+    and the methods ``fused_logprobs`` and ``_micro_batch_loss`` (run inside the root's forward).
+    Returns the ``ShardedPolicy``, or None for a single process (nothing to shard). Call it before
+    the optimizer is built: the optimizer must hold the sharded parameters.
+    """
+    if not trainer.dist.enabled:
+        print("parallelism 'fsdp' with one process: nothing to shard, training unsharded", file=sys.stderr)
+        return None
+    from .model import lm_head_of
+
+    policy = ShardedPolicy(trainer.model, trainer.device)
+    trainer.head = LiveHead(trainer.model, lm_head_of)
+    trainer.engine = ShardedEngine(trainer.engine, policy)
+    trainer.fused_logprobs = policy.wrap(trainer.fused_logprobs)
+    trainer._micro_batch_loss = policy.wrap(trainer._micro_batch_loss)
+    return policy
