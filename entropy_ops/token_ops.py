@@ -17,9 +17,11 @@ Forward saves only three fp32 numbers per row, ``(m, log S, H)`` with
 Module layout: launch functions (usable without autograd), the CPU functions,
 the ``autograd.Function``, then the public functionals.
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
+import triton
 
 from . import softmax_stats
 from .softmax_stats import RowStats
@@ -50,6 +52,11 @@ class TokenOpParams:
 
 
 # ---------------------------------------------------------------- Triton launches
+def _on_device(x: torch.Tensor):
+    """Launch under ``x``'s device (not the current one): a CUDA device guard, a no-op elsewhere."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _forward_outputs(n_rows: int, dtype: torch.dtype, device: torch.device, out):
     if out is not None:  # caller-provided buffers (tests poison them to prove every element is written)
         return out
@@ -62,7 +69,7 @@ def token_forward_triton(logits3d: torch.Tensor, targets: torch.Tensor, params: 
     Returns fp32 ``(logp, H, m, log_S)``, each ``[A*B]`` (written into ``out`` when given);
     ``(m, log_S, H)`` are the row statistics backward needs (``lse = m + log_S``).
     """
-    from .kernels.token_logprobs_entropy import _token_logprobs_entropy_fwd, launch_config
+    from .kernels.token_logprobs_entropy import _token_logprobs_entropy_fwd, _vector, launch_config
 
     A, B, V = logits3d.shape
     n_rows = A * B
@@ -70,36 +77,38 @@ def token_forward_triton(logits3d: torch.Tensor, targets: torch.Tensor, params: 
     if n_rows == 0:
         return logp, H, m, log_S
     block, num_warps = launch_config(V, logits3d.element_size())
-    _token_logprobs_entropy_fwd[(n_rows,)](
-        logits3d, targets, logp, H, m, log_S,
-        B, V,
-        logits3d.stride(0), logits3d.stride(1), logits3d.stride(2),
-        params.inv_tau, params.ignore_index,
-        BLOCK=block, num_warps=num_warps,
-    )
+    with _on_device(logits3d):
+        _token_logprobs_entropy_fwd[(n_rows,)](
+            logits3d, targets, logp, H, m, log_S,
+            B, V,
+            logits3d.stride(0), logits3d.stride(1), logits3d.stride(2),
+            params.inv_tau, params.ignore_index,
+            BLOCK=block, VEC=_vector(logits3d.element_size()), num_warps=num_warps,
+        )
     return logp, H, m, log_S
 
 
 def token_backward_triton(logits3d, targets, stats: RowStats, g_logp, g_H, params: TokenOpParams, out3d):
     """Launch the backward kernel, writing ``dz`` into ``out3d`` (may be ``logits3d`` itself)."""
-    from .kernels.token_logprobs_entropy import _token_logprobs_entropy_bwd, launch_config
+    from .kernels.token_logprobs_entropy import _token_logprobs_entropy_bwd, backward_launch_config
 
     A, B, V = logits3d.shape
     if A * B == 0:
         return out3d
-    block, num_warps = launch_config(V, logits3d.element_size())
-    _token_logprobs_entropy_bwd[(A * B,)](
-        logits3d, targets, stats.m, stats.log_S, stats.H,
-        g_logp if g_logp is not None else stats.H,  # placeholder pointer, never read
-        g_H if g_H is not None else stats.H,
-        out3d,
-        B, V,
-        logits3d.stride(0), logits3d.stride(1), logits3d.stride(2),
-        out3d.stride(0), out3d.stride(1), out3d.stride(2),
-        params.inv_tau, params.ignore_index,
-        BLOCK=block, HAS_GRAD_LOGP=g_logp is not None, HAS_GRAD_ENTROPY=g_H is not None,
-        num_warps=num_warps,
-    )
+    block, num_warps = backward_launch_config(V, logits3d.element_size())
+    with _on_device(logits3d):
+        _token_logprobs_entropy_bwd[(A * B, triton.cdiv(V, block))](
+            logits3d, targets, stats.m, stats.log_S, stats.H,
+            g_logp if g_logp is not None else stats.H,  # placeholder pointer, never read
+            g_H if g_H is not None else stats.H,
+            out3d,
+            B, V,
+            logits3d.stride(0), logits3d.stride(1), logits3d.stride(2),
+            out3d.stride(0), out3d.stride(1), out3d.stride(2),
+            params.inv_tau, params.ignore_index,
+            BLOCK=block, HAS_GRAD_LOGP=g_logp is not None, HAS_GRAD_ENTROPY=g_H is not None,
+            num_warps=num_warps,
+        )
     return out3d
 
 
