@@ -18,6 +18,9 @@ carried by ``transformers`` (``hidden_size``, ``vocab_size``,
 - ``liger-hopper``: D=4096, V=131072, N=8192: the shape of Liger-Kernel's README figure
   for its Hopper kernel (50.22 ms vs 165.63 ms for verl's torch fallback), see TARGETS.md.
 
+- ``headline``: the logits op's target cells, N=32768 at V=32000, 152064 and 262144 (issue 13), the
+  152064 one with D=3584 (Qwen2.5-7B: the hidden-state example of TARGETS.md, 8NDV floor 179 ms).
+
 User-report shapes (TARGETS.md, "Shapes users hit"):
 
 - ``verl-qwen32b``: N=32768, V=151936 as reported, D=5120 (Qwen2.5-32B).
@@ -79,6 +82,8 @@ PRESETS: dict[str, tuple[Shape, ...]] = {
     "gemma3": _model("gemma3", 3840, 262208),
     "gemma2-9b": _model("gemma2-9b", 3584, 256000, softcap=30.0),
     "liger-hopper": (Shape(8192, 131072, 4096, None, "liger-hopper"),),
+    "headline": (Shape(32768, 32000, None, None, "headline"), Shape(32768, 152064, 3584, None, "headline"),
+                 Shape(32768, 262144, None, None, "headline")),
     "verl-qwen32b": (Shape(32768, 151936, 5120, None, "verl-qwen32b"),),
     "slime-248k": (Shape(11600, 248320, 4096, None, "slime-248k"),),
     "skyrl-65k": (Shape(65536, 128256, 4096, None, "skyrl-65k"),),

@@ -85,7 +85,8 @@ def compile_job(job: tuple) -> dict:
         if index < 0:
             raise RuntimeError(f"{module_name}.compile_specs() could not be listed")
         spec = specs[index]
-        row.update(kernel=kernel_name(spec), label=spec.label, num_warps=spec.num_warps, num_stages=spec.num_stages)
+        row.update(kernel=kernel_name(spec), label=spec.label, num_warps=spec.num_warps, num_stages=spec.num_stages,
+                   scalars={k: v for k, v in spec.args.items() if isinstance(v, (bool, int, float, str))})
         sp = specialize(spec, arch)
         row["specialization"] = sp.describe()
         key = cache_key(spec, row["specialization"], sp.options, arch)

@@ -1,0 +1,354 @@
+"""Modeled time of every op at every named shape on H100 and H200, from bytes, FLOPs and the SASS.
+
+``python -m benchmarks.perf_model [--shapes PRESETS] [--gpu H100,H200] [--static FILE] [--out FILE]``
+
+Each op is a sequence of *pieces* (kernel launches or GEMMs run one after the other). A piece's time
+is the largest of its bounds (a roofline), and the op's time is the sum over its pieces:
+
+- ``bandwidth``: HBM bytes / measured copy bandwidth. Bytes count the compulsory traffic plus the
+  re-reads the tiling implies when the re-used data does not stay in L2 (:func:`reread_bytes`).
+- ``compute``: FLOPs / measured dense GEMM rate, times an efficiency for Triton GEMMs read from the
+  kernel's wgmma shape (:func:`triton_gemm_efficiency`); cuBLAS pieces run at the measured rate.
+- ``issue``: SASS instructions per element in the hot loop (static report) x elements / 32 lanes /
+  (4 warp instructions per clock per SM x SMs x clock).
+- ``mufu``: MUFU (exp2/log2) instructions per element / (16 per clock per SM x SMs x clock).
+- ``latency``: bytes / (bytes in flight / DRAM latency) when too few loads are in flight to cover
+  the latency (Little's law; bytes in flight from the hot loop's loads x resident threads).
+- ``atomics``: fp32 RED bytes / atomic bandwidth (see :mod:`benchmarks.gpus`).
+
+Floors (TARGETS): the logits op moves its bytes at the copy bandwidth; the hidden-state op does its
+FLOPs (2NDV forward, 6NDV backward with recompute, 8NDV both, 6NDV one-pass) at the GEMM rate.
+Every figure here is *modeled*; docs/performance.md documents the formulas and their provenance.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .gpus import GPUS, GPU
+from .shapes import PRESETS, Shape, parse_shapes
+
+STATIC_REPORT = Path(__file__).parent / "results" / "static-report.json"
+MODEL_PRESETS = ("headline", "liger-hopper", "verl-qwen32b", "slime-248k", "skyrl-65k", "qwen2.5-7b",
+                 "llama3-8b", "gemma3")
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+TOKEN_MODULE = "token_logprobs_entropy"
+LINEAR_MODULE = "linear_logprobs_entropy"
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+@dataclass
+class Piece:
+    """One launch: its work and the bounds that limit it. ``bounds`` maps bound name -> seconds."""
+
+    name: str
+    flops: float = 0.0
+    hbm_bytes: float = 0.0
+    atomic_bytes: float = 0.0
+    bounds: dict = field(default_factory=dict)
+
+    @property
+    def time_s(self) -> float:
+        return max(self.bounds.values()) if self.bounds else 0.0
+
+    @property
+    def bound(self) -> str:
+        return max(self.bounds, key=self.bounds.get) if self.bounds else "-"
+
+
+def bandwidth_piece(name: str, hbm_bytes: float, gpu: GPU) -> Piece:
+    return Piece(name, hbm_bytes=hbm_bytes, bounds={"bandwidth": hbm_bytes / gpu.copy_bw})
+
+
+def gemm_piece(name: str, flops: float, hbm_bytes: float, gpu: GPU, efficiency: float = 1.0) -> Piece:
+    return Piece(name, flops=flops, hbm_bytes=hbm_bytes,
+                 bounds={"compute": flops / (gpu.matmul_rate * efficiency), "bandwidth": hbm_bytes / gpu.copy_bw})
+
+
+def reread_bytes(data_bytes: float, reads: float, window_bytes: float, gpu: GPU) -> float:
+    """HBM bytes of data read ``reads`` times: once if the re-use window fits in L2, else every time.
+
+    ``window_bytes`` is what the programs resident at one time keep re-using (their tiles of the data);
+    half of L2 is credited, the rest holding the streamed operands.
+    """
+    return data_bytes * (1.0 if window_bytes <= gpu.l2_bytes / 2 else max(reads, 1.0))
+
+
+# ---------------------------------------------------------------------------------------- static rows
+def load_static(path: Path | str | None = STATIC_REPORT) -> list[dict]:
+    """Rows of a static report (``python -m benchmarks.static --out``); empty if there is none."""
+    if path is None or not Path(path).exists():
+        return []
+    return [r for r in json.loads(Path(path).read_text())["rows"] if "error" not in r]
+
+
+def _first_pointer_dtype(row: dict) -> str | None:
+    return next((t[1:].split("/")[0] for t in row["specialization"].values() if t.startswith("*")), None)
+
+
+def static_row(rows: list[dict], module: str, role: str, dtype: str, arch: int = 90, vocab: int | None = None,
+               tensor_core: bool = False) -> dict | None:
+    """The static row for one kernel role: module suffix, ``role`` in the kernel name, operand dtype.
+
+    Prefers a row specialized at this vocabulary (an argument ``V`` equal to it); otherwise the most
+    conservative row (most instructions per element, or fewest CTAs for matmul kernels).
+    """
+    cands = [r for r in rows if r["module"].endswith(module) and role in r["kernel"] and r["arch"] == arch
+             and _first_pointer_dtype(r) == dtype and (not tensor_core or r["kernel_counts"]["hgmma"])]
+    if not cands:
+        return None
+    exact = [r for r in cands if vocab is not None and r.get("scalars", {}).get("V") == vocab]
+    if exact:
+        cands = exact
+    return max(cands, key=lambda r: (r.get("instructions_per_element") or 0.0, -r["ctas"]))
+
+
+def triton_gemm_efficiency(row: dict | None) -> tuple[float, str]:
+    """Fraction of the measured cuBLAS rate a Triton GEMM kernel reaches, from its wgmma shape (sm_90).
+
+    Assumed table (not measured; documented in docs/performance.md): HGMMA with N >= 128 and no
+    atomics in the hot loop 0.85; N = 64: 0.6 (the B operand is re-read from shared memory for half
+    the work of an N=128 tile); N <= 32 or barriers/waits serializing each HGMMA: 0.35; no HGMMA
+    (mma.sync only): 0.3.
+    """
+    if row is None:
+        return 0.6, "no static row: assumed 0.6"
+    hot = row.get("hot_loop") or {}
+    shapes = [s for s in row["kernel_counts"]["mma_shapes"] if s.startswith("HGMMA.")]
+    if not shapes:
+        return 0.3, "no HGMMA"
+    widest = max(int(s.split(".")[1].split("x")[1]) for s in shapes)
+    if widest >= 128 and not hot.get("red"):
+        return 0.85, f"HGMMA N={widest}"
+    if widest >= 64:
+        return 0.6, f"HGMMA N={widest}"
+    return 0.35, f"HGMMA N={widest}"
+
+
+# ---------------------------------------------------------------------------------------- logits op
+def _streaming_bounds(piece: Piece, elements: float, row: dict | None, gpu: GPU) -> None:
+    """Add issue, MUFU and latency bounds of a streaming token kernel from its static row."""
+    if row is None:
+        return
+    clocks = gpu.sms * gpu.clock_hz
+    ipe = row.get("instructions_per_element")
+    hot = row.get("hot_loop") or {}
+    ldg = hot.get("ldg_bytes_per_thread", 0)
+    if ipe:
+        piece.bounds["issue"] = elements * ipe / 32 / (gpu.warp_issue_per_clk * clocks)
+        elems_per_thread = ldg / DTYPE_BYTES.get(_first_pointer_dtype(row), 2) if ldg else 0
+        if elems_per_thread:
+            piece.bounds["mufu"] = elements * hot.get("mufu", 0) / elems_per_thread / (gpu.mufu_per_clk * clocks)
+    if ldg and row.get("ctas"):
+        in_flight = gpu.sms * row["ctas"] * row["num_warps"] * 32 * ldg
+        piece.bounds["latency"] = piece.hbm_bytes / (in_flight / gpu.dram_latency_s)
+
+
+def logits_op(shape: Shape, dtype: str, gpu: GPU, rows: list[dict]) -> dict[str, list[Piece]]:
+    """Pieces of the logits op: forward reads the logits once, backward reads them and writes dlogits.
+
+    Per row O(1) extras: the int64 target, fp32 statistics and outputs (32 bytes forward, 40 backward).
+    A kernel whose SASS has several loops loading the row reads it once per loop; those re-reads come
+    from L2 only if the rows in flight fit in it.
+    """
+    n, v, e = shape.n_tokens, shape.vocab, DTYPE_BYTES[dtype]
+    out = {}
+    for mode, role, writes in (("fwd", "fwd", 0), ("bwd", "bwd", 1)):
+        row = static_row(rows, TOKEN_MODULE, role, dtype, vocab=v)
+        passes = max(1, sum(1 for lp in (row or {}).get("loops", []) if lp["innermost"] and lp["ldg"]))
+        rows_in_flight = gpu.sms * (row["ctas"] if row else 1)
+        reads = reread_bytes(n * v * e, passes, rows_in_flight * v * e, gpu)
+        piece = bandwidth_piece(f"logits {mode}", reads + writes * n * v * e + n * (32 + 8 * writes), gpu)
+        _streaming_bounds(piece, n * v * passes, row, gpu)
+        out[mode] = [piece]
+    out["fwd_bwd"] = out["fwd"] + out["bwd"]
+    return out
+
+
+def logits_floor(shape: Shape, dtype: str, mode: str, gpu: GPU) -> float:
+    passes = {"fwd": 1, "bwd": 2, "fwd_bwd": 3}[mode]
+    return passes * shape.n_tokens * shape.vocab * DTYPE_BYTES[dtype] / gpu.copy_bw
+
+
+# ---------------------------------------------------------------------------------- hidden-state op
+@dataclass(frozen=True)
+class LinearDesign:
+    """A hidden-state op design. ``kind``: ``"chunked"`` (vocab chunks of ``chunk`` columns; GEMMs in
+    cuBLAS or Triton; a workspace ``[N, chunk]`` in the input dtype; no atomics) or ``"atomic"``
+    (the fused Triton kernels with fp32 atomics for dh and dW)."""
+
+    name: str
+    kind: str
+    chunk: int = 4096
+    forward: str = "cublas"  # chunked: "cublas" (GEMM into the workspace + stats pass) or "triton" (fused)
+    block_n: int = 128
+    block_v: int = 64
+    bwd_block_n: int = 64
+    bwd_block_v: int = 128
+
+
+DESIGNS = {
+    # The design LINEAR moves to: per vocab chunk, z = h W_c^T into a bf16 workspace, a statistics pass;
+    # backward recomputes z, overwrites it with dz, then dW_c = dz^T h and dh += dz W_c (cuBLAS).
+    "chunked": LinearDesign("chunked (cuBLAS GEMMs, workspace, no atomics)", "chunked"),
+    # The fused Triton design before it: split-vocab forward (128x64 tiles), backward 64x128 tiles with
+    # fp32 RED into dh [N, D] and dW [V, D].
+    "atomic": LinearDesign("atomic (fused Triton, fp32 RED)", "atomic"),
+}
+
+
+def linear_op(shape: Shape, dtype: str, gpu: GPU, rows: list[dict], design: LinearDesign) -> dict[str, list[Piece]]:
+    """Pieces of the hidden-state op (forward, backward with recompute, both) and the one-pass loss."""
+    n, v, d, e = shape.n_tokens, shape.vocab, shape.hidden, DTYPE_BYTES[dtype]
+    h, w, mm = n * d * e, v * d * e, 2.0 * n * d * v
+    if design.kind == "atomic":
+        fwd_row = static_row(rows, LINEAR_MODULE, "fwd", dtype, tensor_core=True)
+        bwd_row = static_row(rows, LINEAR_MODULE, "bwd", dtype, tensor_core=True)
+        eff_f, _ = triton_gemm_efficiency(fwd_row)
+        eff_b, _ = triton_gemm_efficiency(bwd_row)
+        resident = gpu.sms * max(1, (fwd_row or {}).get("ctas", 1))
+        # Forward: every program re-reads its [block_n, D] rows of h for each vocab tile.
+        h_reads = reread_bytes(h, v / design.block_v, resident * design.block_n * d * e, gpu)
+        w_reads = w * math.ceil(n / design.block_n / resident)
+        fwd = [gemm_piece("fused fwd (Triton)", mm, h_reads + w_reads, gpu, eff_f)]
+        # Backward: recompute + dh + dW on tensor cores; fp32 RED of each program's dh and dW tiles.
+        red = 4.0 * (n * d * v / design.bwd_block_v + v * d * n / design.bwd_block_n)
+        bwd_gemm = gemm_piece("fused bwd (Triton)", 3 * mm, 2 * h + 2 * w, gpu, eff_b)
+        bwd_gemm.atomic_bytes = red
+        bwd_gemm.bounds["atomics"] = red / gpu.red_bw
+        bwd = [bwd_gemm, bandwidth_piece("dW fp32 -> weight dtype", v * d * (4 + e), gpu)]
+        one_pass = None
+    else:
+        chunks = math.ceil(v / design.chunk)
+        ws = n * min(design.chunk, v) * e  # one chunk's [N, Vc] workspace
+        h_chunk_reads = reread_bytes(h, chunks, h, gpu)  # h is re-read by each chunk's GEMMs unless it fits
+        if design.forward == "cublas":
+            fwd = [gemm_piece("z = h W^T per chunk (cuBLAS)", mm, h_chunk_reads + w + n * v * e, gpu),
+                   bandwidth_piece("statistics pass over z", n * v * e + 16 * n * chunks, gpu)]
+        else:
+            fwd_row = static_row(rows, LINEAR_MODULE, "fwd", dtype, tensor_core=True)
+            fwd = [gemm_piece("fused fwd (Triton)", mm, h_chunk_reads + w, gpu, triton_gemm_efficiency(fwd_row)[0])]
+        dh_acc = n * d * 4 * 2 * chunks  # fp32 dh read + written by each chunk's addmm
+        grad = [bandwidth_piece("dz pass (read z, write dz)", 2 * n * v * e, gpu),
+                gemm_piece("dW_c = dz^T h (cuBLAS)", mm, h_chunk_reads + n * v * e + w, gpu),
+                gemm_piece("dh += dz W_c (cuBLAS)", mm, n * v * e + w + dh_acc, gpu),
+                bandwidth_piece("dh fp32 -> input dtype", n * d * (4 + e), gpu)]
+        recompute = gemm_piece("recompute z (cuBLAS)", mm, h_chunk_reads + w + n * v * e, gpu)
+        bwd = [recompute, *grad]
+        one_pass = [fwd[0], *fwd[1:], *grad] if ws else None
+    out = {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}
+    if one_pass is not None:
+        out["one_pass"] = one_pass
+    return out
+
+
+def linear_floor(shape: Shape, mode: str, gpu: GPU) -> float:
+    factor = {"fwd": 2, "bwd": 6, "fwd_bwd": 8, "one_pass": 6}[mode]
+    return factor * shape.n_tokens * shape.hidden * shape.vocab / gpu.matmul_rate
+
+
+# ---------------------------------------------------------------------------------------- the table
+def _row(op, mode, shape, dtype, gpu_key, pieces, floor_s, design=None) -> dict:
+    t = sum(p.time_s for p in pieces)
+    per_bound: dict[str, float] = {}
+    for p in pieces:
+        per_bound[p.bound] = per_bound.get(p.bound, 0.0) + p.time_s
+    return {"op": op, "mode": mode, "design": design, "shape": shape.as_dict(), "dtype": dtype, "gpu": gpu_key,
+            "flops": sum(p.flops for p in pieces), "hbm_bytes": sum(p.hbm_bytes for p in pieces),
+            "atomic_bytes": sum(p.atomic_bytes for p in pieces), "time_ms": t * 1e3, "floor_ms": floor_s * 1e3,
+            "pct_of_floor": 100.0 * floor_s / t if t else None,
+            "bound": max(per_bound, key=per_bound.get) if per_bound else "-",
+            "pieces": [{"name": p.name, "time_ms": p.time_s * 1e3, "bound": p.bound,
+                        "bounds_ms": {k: v * 1e3 for k, v in p.bounds.items()}} for p in pieces]}
+
+
+def model(shapes, gpus=("H100", "H200"), dtype: str = "bf16", rows: list[dict] | None = None,
+          designs=("chunked", "atomic")) -> list[dict]:
+    """Modeled rows for the logits op (every shape) and the hidden-state op (shapes with ``D``)."""
+    rows = load_static() if rows is None else rows
+    out = []
+    seen = set()
+    for shape in shapes:
+        for key in gpus:
+            gpu = GPUS[key]
+            logit_key = (shape.n_tokens, shape.vocab, key)
+            if logit_key not in seen:
+                seen.add(logit_key)
+                for mode, pieces in logits_op(shape, dtype, gpu, rows).items():
+                    out.append(_row("logits", mode, shape, dtype, key, pieces, logits_floor(shape, dtype, mode, gpu)))
+            if shape.hidden is None:
+                continue
+            for name in designs:
+                for mode, pieces in linear_op(shape, dtype, gpu, rows, DESIGNS[name]).items():
+                    op = "policy_one_pass" if mode == "one_pass" else "linear"
+                    out.append(_row(op, mode, shape, dtype, key, pieces, linear_floor(shape, mode, gpu), name))
+    return out
+
+
+# The hidden-state op's design as the library ships it (entropy_ops/linear_ops.py): what measured
+# cells of ``linear`` and ``policy`` are compared against.
+CURRENT_LINEAR_DESIGN = "chunked"
+
+
+def modeled_time_for_cell(cell: dict, gpu_key: str, rows: list[dict] | None = None) -> float | None:
+    """Modeled ms for one benchmark cell (``benchmarks.runner`` format) of ours; None if not modeled."""
+    if gpu_key not in GPUS or cell["dtype"] not in DTYPE_BYTES:
+        return None
+    s = cell["shape"]
+    shape = Shape(s["n_tokens"], s["vocab"], s.get("hidden"), s.get("softcap"), s.get("preset", "custom"))
+    rows = load_static() if rows is None else rows
+    gpu = GPUS[gpu_key]
+    if cell["op"] == "logits":
+        pieces = logits_op(shape, cell["dtype"], gpu, rows).get(cell["mode"])
+    elif cell["op"] in ("linear", "policy") and shape.hidden:
+        pieces = linear_op(shape, cell["dtype"], gpu, rows, DESIGNS[CURRENT_LINEAR_DESIGN]).get(cell["mode"])
+    else:
+        return None
+    return None if pieces is None else 1e3 * sum(p.time_s for p in pieces)
+
+
+def format_rows(rows: list[dict]) -> str:
+    cols = ("op", "design", "mode", "shape", "gpu", "modeled ms", "floor ms", "% floor", "bound", "HBM GB",
+            "atomic GB")
+    body = [[r["op"], r["design"] or "", r["mode"], r["shape"]["label"], r["gpu"], f"{r['time_ms']:.3g}",
+             f"{r['floor_ms']:.3g}", f"{r['pct_of_floor']:.0f}%", r["bound"], f"{r['hbm_bytes'] / 1e9:.1f}",
+             f"{r['atomic_bytes'] / 1e9:.0f}" if r["atomic_bytes"] else ""] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(b) for b in body)])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.perf_model", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default=",".join(MODEL_PRESETS), help="presets / NxV / NxVxD (benchmarks/shapes.py)")
+    p.add_argument("--gpu", default="H100,H200", help=f"comma-separated subset of {','.join(GPUS)}")
+    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16")
+    p.add_argument("--design", default="chunked,atomic", help=f"hidden-state designs: {','.join(DESIGNS)}")
+    p.add_argument("--static", default=str(STATIC_REPORT), help="static report JSON (python -m benchmarks.static)")
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    gpus = [g.strip() for g in args.gpu.split(",") if g.strip()]
+    designs = [d.strip() for d in args.design.split(",") if d.strip()]
+    bad = [g for g in gpus if g not in GPUS] + [d for d in designs if d not in DESIGNS]
+    if bad:
+        p.error(f"unknown GPU or design: {bad}")
+    try:
+        shapes = parse_shapes(args.shapes)
+    except ValueError as exc:
+        p.error(str(exc))
+    static_rows = load_static(args.static)
+    rows = model(shapes, gpus, args.dtype, static_rows, designs)
+    print("modeled (no GPU run): " + (f"static report {args.static}" if static_rows else
+                                       "no static report: issue/latency bounds left out"))
+    print(format_rows(rows))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
