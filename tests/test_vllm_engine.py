@@ -431,8 +431,14 @@ def test_trainer_trains_with_the_vllm_engine_and_keeps_it_in_sync(tmp_path, monk
     module = types.ModuleType("vllm")
     module.LLM, module.SamplingParams = SamplingFakeLLM, FakeSamplingParams
     monkeypatch.setitem(sys.modules, "vllm", module)
+    # A reward that differs between samples whatever the model answers, so every step has a signal.
+    rewards = types.ModuleType("entropy_ops_vllm_test_rewards")
+    rewards.digits = lambda prompts, completions, **_: [sum(c.isdigit() for c in s) / max(len(s), 1)
+                                                        for s in completions]
+    monkeypatch.setitem(sys.modules, rewards.__name__, rewards)
     threads = torch.get_num_threads()
     config = TrainConfig.from_dict(dict(
+        rewards={"correctness": 1.0, "entropy_ops_vllm_test_rewards:digits": 1.0},
         rollout_engine="vllm", rollout_engine_options={"gpu_memory_utilization": 0.5}, num_prompts=2, group_size=4,
         max_new_tokens=6, num_eval_prompts=4, eval_samples=1, eval_every=0, save_every=0, max_steps=2,
         learning_rate=1e-3, device="cpu", plot=False, output_dir=str(tmp_path / "run")))

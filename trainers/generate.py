@@ -1,6 +1,6 @@
 """``entropy-ops generate``: sample completions, optionally with EM-INF or adaptive temperature.
 
-    entropy-ops generate --em-inf                      # held-out arithmetic prompts, embedded model
+    entropy-ops generate --em-inf                      # held-out prompts of the default task, embedded model
     entropy-ops generate --model Qwen/Qwen2.5-0.5B --prompt "What is 2+2?" --em-inf --delta 0.3
     entropy-ops generate --em-inf --compare            # plain sampling vs EM-INF, same seed
 
@@ -11,7 +11,7 @@ baseline instead. Both leave the argmax unchanged, so with ``--greedy`` they
 change nothing: they act on sampled decoding (``--temperature``, ``--top-p``,
 ``--top-k``). Prompts come from ``--prompt`` (repeatable), ``--prompts-file``
 (a text file, one prompt per line, or JSONL rows with ``prompt`` and optional
-``answer``), or by default the arithmetic task's held-out split. When the rows
+``answer``), or by default the held-out split of a generated task (``--task``). When the rows
 have answers, the accuracy of each decoding is printed (``--answer-format``).
 ``--compare`` decodes the prompts twice, without and with the processor, from
 the same random seed. ``--output FILE`` writes one JSON line per completion.
@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=TINY_MODEL, help="Hugging Face name, local directory or 'tiny-arith'")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="text file (one prompt per line) or JSONL with 'prompt' [+ 'answer']")
-    p.add_argument("--num-prompts", type=int, default=32, help="held-out arithmetic prompts used by default")
+    p.add_argument("--num-prompts", type=int, default=32, help="held-out prompts of --task used by default")
+    p.add_argument("--task", default=None, help="generated task of the default prompts ('addition', 'arithmetic'; "
+                                                 "default: the trainer's default dataset)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--em-inf", action="store_true", help="EM-INF on every decoding step")
     mode.add_argument("--adaptive-temperature", action="store_true", help="the adaptive-temperature baseline")
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_prompt_rows(args) -> list[dict]:
-    """``[{"prompt": ..., "answer"?: ...}]`` from ``--prompt`` / ``--prompts-file`` / the arithmetic split."""
+    """``[{"prompt": ..., "answer"?: ...}]`` from ``--prompt``, ``--prompts-file`` or a task's held-out split."""
     if args.prompt:
         return [{"prompt": p} for p in args.prompt]
     if args.prompts_file:
@@ -80,9 +82,11 @@ def load_prompt_rows(args) -> list[dict]:
         if not rows:
             raise ValueError(f"--prompts-file {args.prompts_file!r} holds no prompts")
         return rows
-    from .tasks import arithmetic_task
+    from .config import TrainConfig
+    from .tasks import task_rows
 
-    return arithmetic_task(num_eval=max(args.num_prompts, 1))[1][: args.num_prompts]
+    task = args.task or TrainConfig().dataset
+    return task_rows(task, num_eval=max(args.num_prompts, 1))[1][: args.num_prompts]
 
 
 def check_args(args) -> None:
@@ -95,6 +99,11 @@ def check_args(args) -> None:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k < 0:
         raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.task is not None:
+        from .tasks import TASKS
+
+        if args.task not in TASKS:
+            raise ValueError(f"--task must be one of {TASKS}, got {args.task!r}")
     if args.prompts_file is not None and not os.path.isfile(args.prompts_file):
         raise ValueError(f"--prompts-file {args.prompts_file!r} does not exist")
     if args.output is not None:

@@ -80,7 +80,10 @@ def check_run_folder(output_dir: str, *, resume: bool, overwrite: bool) -> None:
 
 
 def move_run_aside(output_dir: str) -> str | None:
-    """Move the run files of ``output_dir`` into a new ``previous-<date>-<time>/`` inside it. Returns it (None: nothing to move)."""
+    """Move the run files of ``output_dir`` into a new ``previous-<date>-<time>/`` inside it.
+
+    Returns that folder (None when there was nothing to move). Other files stay where they are.
+    """
     found = run_files(output_dir)
     if not found:
         return None
