@@ -7,9 +7,10 @@ tokenizer built here (no download); the reward asks for the word ``w7``:
     python examples/trl_grpo.py
 
 With a real model, pass its name or the loaded model and its tokenizer as you would to
-``GRPOTrainer``. GRPOConfig fields without an exact entropy-ops equivalent (cispo/sapo/vespo,
-vLLM importance-sampling correction, the entropy bonus, ...) raise ``NotImplementedError`` at
-construction; ``fused_loss=False`` keeps TRL's loss on our fused log-probs for those.
+``GRPOTrainer``. Every GRPOConfig option trains as TRL computes it (loss types, vLLM
+importance-sampling correction, bias-corrected KL, entropy bonus and mask, off-policy mask);
+``trainer.fused_plan`` says what is fused, and a ``FusedFallbackWarning`` says when TRL's own code
+runs instead (DeepSpeed ZeRO-3, an output layer entropy-ops cannot express). See docs/trl.md.
 """
 import tempfile
 
@@ -48,11 +49,11 @@ def main(max_steps: int = 2):
     dataset = Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5", "w6 w8 w9", "w10"] * 4})
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=max_steps, per_device_train_batch_size=4,
                       num_generations=4, max_completion_length=8, learning_rate=1e-3, logging_steps=1,
-                      loss_type="dapo", epsilon_high=0.28, top_entropy_quantile=0.8, temperature=0.9,
+                      epsilon_high=0.28, top_entropy_quantile=0.8, temperature=0.9, entropy_coef=0.01,
                       report_to=[], use_cpu=True, bf16=False, save_strategy="no", gradient_checkpointing=False)
     trainer = FusedGRPOTrainer(model=tiny_model(), reward_funcs=reward_w7, args=args, train_dataset=dataset,
                                processing_class=tiny_tokenizer())
-    print("entropy-ops loss config:", trainer.policy_loss_config)
+    print("entropy-ops path:", trainer.fused_plan.path)  # "fused": log-probs, entropies and loss
     trainer.train()
     history = [h for h in trainer.state.log_history if "loss" in h]
     for h in history:

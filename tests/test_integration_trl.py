@@ -1,6 +1,8 @@
 """``entropy_ops.integrations.trl``: ``FusedGRPOTrainer`` against TRL's own ``GRPOTrainer`` on the same
-tiny model and the same hand-built batch: per-token log-probs, loss and parameter gradients."""
+tiny model and the same hand-built batch: per-token log-probs, loss, parameter gradients and logged metrics.
+The helpers here are shared with ``test_integration_trl_options.py`` (TRL's other options)."""
 import copy
+import math
 import tempfile
 
 import pytest
@@ -44,21 +46,39 @@ def zero_reward(completions, **_):
     return [0.0] * len(completions)
 
 
-def make_trainer(cls, setup, **config):
+def make_trainer(cls, setup, *, fused_backend=None, **config):
     tokenizer, model, dataset = setup
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, num_generations=4,
                       max_completion_length=C + 3, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
                       gradient_checkpointing=False, **config)
+    extra = {} if fused_backend is None else dict(fused_backend=fused_backend)
     trainer = cls(model=copy.deepcopy(model), reward_funcs=zero_reward, args=args, train_dataset=dataset,
-                  processing_class=tokenizer)
+                  processing_class=tokenizer, **extra)
     trainer.current_gradient_accumulation_steps = 2  # set by train(); the normalizers read it
     trainer.model.train()  # "train" mode normalizers; the tiny model has no dropout
     return trainer
 
 
-def make_inputs(trainer, seed, *, per_token_advantages=False, tool_mask=False):
+def trl_importance_ratio(old, sampling, mask, mode, clip_min, clip_max):
+    """The vLLM importance-sampling ratio TRL puts in ``inputs["importance_sampling_ratio"]`` when it scores a
+    batch (``GRPOConfig.vllm_importance_sampling_mode``): ``exp(old - sampling)`` per token or ``exp`` of its
+    per-response sum, truncated into ``[clip_min, clip_max]`` or set to 0 outside it."""
+    diff = torch.nan_to_num((old - sampling) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return ratio.clamp(min=clip_min, max=clip_max)
+    low = -float("inf") if clip_min is None else clip_min
+    high = float("inf") if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+
+
+def make_inputs(trainer, seed, *, per_token_advantages=False, tool_mask=False, sampling=False, is_mode=None,
+                old_noise=0.6):
     """A batch as ``_generate_and_score_completions`` hands it to ``_compute_loss``: left-padded prompts,
-    right-padded completions (one of them empty), old/ref log-probs off the current policy."""
+    right-padded completions (one of them empty), old/ref log-probs off the current policy; with ``sampling``
+    the sampler's (vLLM's) log-probs, with ``is_mode`` TRL's importance-sampling ratio from them."""
     g = torch.Generator().manual_seed(seed)
     prompt_ids = torch.randint(2, VOCAB, (B, P), generator=g)
     prompt_mask = torch.ones(B, P, dtype=torch.long)
@@ -72,12 +92,21 @@ def make_inputs(trainer, seed, *, per_token_advantages=False, tool_mask=False):
         logp, _, _ = trainer._get_per_token_logps_and_entropies(
             trainer.model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1),
             C)
-    inputs["old_per_token_logps"] = logp + 0.6 * torch.randn(B, C, generator=g)
+    inputs["old_per_token_logps"] = logp + old_noise * torch.randn(B, C, generator=g)
     inputs["ref_per_token_logps"] = logp + 0.5 * torch.randn(B, C, generator=g)
     inputs["advantages"] = torch.randn((B, C) if per_token_advantages else (B,), generator=g)
     inputs["num_items_in_batch"] = completion_mask.sum().float() * 3  # the generation batch spans more steps
     if tool_mask:
         inputs["tool_mask"] = (torch.rand(B, C, generator=g) > 0.2).long()
+    if sampling or is_mode:
+        noise = 0.7 * torch.randn(B, C, generator=g)
+        inputs["sampling_per_token_logps"] = (inputs["old_per_token_logps"] + noise) * completion_mask
+    if is_mode:
+        args = trainer.args
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        inputs["importance_sampling_ratio"] = trl_importance_ratio(
+            inputs["old_per_token_logps"], inputs["sampling_per_token_logps"], mask, is_mode,
+            args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max)
     return inputs
 
 
@@ -92,16 +121,32 @@ def loss_and_grads(trainer, inputs):
     return loss.detach(), {k: p.grad.clone() for k, p in params.items()}
 
 
-def compare(setup, seed, inputs_kwargs=None, **config):
+def assert_same_metrics(ours, reference):
+    """The same metric names as TRL, with the same values (TRL's counting), after each loss call."""
+    got, want = ours._metrics["train"], reference._metrics["train"]
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert len(got[name]) == len(want[name]), name
+        for g, w in zip(got[name], want[name]):
+            assert (math.isnan(g) and math.isnan(w)) or abs(g - w) <= REL * (abs(w) + 1e-3), (name, g, w)
+
+
+def compare(setup, seed, inputs_kwargs=None, *, use_vllm=False, fused_backend=None, calls=1, **config):
+    """Stock TRL and FusedGRPOTrainer on the same batch: loss, gradients and logged metrics (``calls`` times)."""
     reference = make_trainer(GRPOTrainer, setup, **config)
-    ours = make_trainer(fused_trl.FusedGRPOTrainer, setup, **config)
+    ours = make_trainer(fused_trl.FusedGRPOTrainer, setup, fused_backend=fused_backend, **config)
+    assert ours.fused_plan.path == "fused"
+    for trainer in (reference, ours):  # vLLM cannot run here: TRL's loss reads these two attributes
+        trainer.use_vllm = use_vllm
     inputs = make_inputs(reference, seed, **(inputs_kwargs or {}))
-    ref_loss, ref_grads = loss_and_grads(reference, inputs)
-    our_loss, our_grads = loss_and_grads(ours, inputs)
-    assert_close(our_loss, ref_loss, REL, "loss")
-    for name in ref_grads:
-        assert_close(our_grads[name], ref_grads[name], REL, f"d loss / d {name}", rowwise=True)
-    assert ref_grads["lm_head"].abs().max() > 0
+    for _ in range(calls):
+        ref_loss, ref_grads = loss_and_grads(reference, inputs)
+        our_loss, our_grads = loss_and_grads(ours, inputs)
+        assert_close(our_loss, ref_loss, REL, "loss")
+        for name in ref_grads:
+            assert_close(our_grads[name], ref_grads[name], REL, f"d loss / d {name}", rowwise=True)
+        assert ref_grads["lm_head"].abs().max() > 1e-4  # the case is not vacuous
+    assert_same_metrics(ours, reference)
     return ours, reference, inputs
 
 
@@ -152,9 +197,10 @@ def test_logprobs_and_entropy_match_trl_head(setup):
 
 
 def test_trl_loss_on_our_logprobs(setup):
-    """fused_loss=False keeps TRL's loss (here cispo, which has no entropy-ops equivalent) on our log-probs."""
+    """fused_loss=False keeps TRL's own loss code on our fused log-probs."""
     reference = make_trainer(GRPOTrainer, setup, loss_type="cispo")
     ours = make_trainer(lambda **kw: fused_trl.FusedGRPOTrainer(fused_loss=False, **kw), setup, loss_type="cispo")
+    assert ours.fused_plan.path == "fused_logprobs" and ours.fused_plan.reasons == ()
     inputs = make_inputs(reference, 8)
     ref_loss, ref_grads = loss_and_grads(reference, inputs)
     our_loss, our_grads = loss_and_grads(ours, inputs)
@@ -163,31 +209,27 @@ def test_trl_loss_on_our_logprobs(setup):
 
 
 def test_metrics_logged_under_trl_names(setup):
-    ours, reference, _ = compare(setup, 9, loss_type="bnpo", beta=0.04, use_bias_correction_kl=False)
-    for name in ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
-        got, want = ours._metrics["train"][name][-1], reference._metrics["train"][name][-1]
-        assert abs(got - want) <= 1e-5 * (abs(want) + 1e-3), (name, got, want)
+    """Every metric TRL logs for the loss, under its name and counting, the per-response extremes included."""
+    ours, _, _ = compare(setup, 9, loss_type="bnpo", beta=0.04)
+    names = set(ours._metrics["train"])
+    assert {"entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+            "clip_ratio/low_min", "clip_ratio/high_max"} <= names
 
 
-@pytest.mark.parametrize("config, match", [
-    (dict(loss_type="cispo"), "cispo"),
-    (dict(loss_type="sapo"), "sapo"),
-    (dict(loss_type="grpo", entropy_coef=0.01), "entropy_coef"),
-    (dict(loss_type="grpo", importance_sampling_level="sequence", top_entropy_quantile=0.5), "top_entropy_quantile"),
-    (dict(loss_type="grpo", off_policy_mask_threshold=0.5), "off_policy_mask_threshold"),
-    (dict(loss_type="grpo", delta=1.1), "delta"),
-    (dict(loss_type="grpo", beta=0.04), "use_bias_correction_kl"),
-])
-def test_unmappable_configs_raise(setup, config, match):
-    with pytest.raises(NotImplementedError, match=match):
-        make_trainer(fused_trl.FusedGRPOTrainer, setup, **config)
+def test_gspo_clip_metrics_count_responses(setup):
+    """With a sequence-level ratio TRL counts a clipped response once, not once per token: the fixture's responses
+    have different lengths, so the per-token count would differ."""
+    ours, _, inputs = compare(setup, 4, loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4,
+                              epsilon_high=4e-4)
+    high = ours._metrics["train"]["clip_ratio/high_mean"][-1]
+    low = ours._metrics["train"]["clip_ratio/low_mean"][-1]
+    assert high + low > 0
+    assert (high * B) == pytest.approx(round(high * B)) and (low * B) == pytest.approx(round(low * B))
 
 
-def test_sequence_level_with_per_token_advantages_raises(setup):
-    ours = make_trainer(fused_trl.FusedGRPOTrainer, setup, loss_type="grpo", importance_sampling_level="sequence")
-    inputs = make_inputs(ours, 3, per_token_advantages=True)
-    with pytest.raises(ValueError, match="per-token advantages"):
-        ours._compute_loss(ours.model, inputs)
+def test_sequence_level_with_per_token_advantages(setup):
+    """TRL broadcasts the sequence ratio over per-token advantages; so do we."""
+    compare(setup, 3, dict(per_token_advantages=True), loss_type="grpo", importance_sampling_level="sequence")
 
 
 def test_add_fused_lm_head_rejects_unknown_outputs(setup):
