@@ -112,7 +112,7 @@ def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumula
             return out
         if K == 0:
             return out if accumulate else out.zero_()
-        cfg = km.MATMUL_CONFIG
+        cfg = km.matmul_config(a.element_size())
         grid = (_cdiv(M, cfg["BLOCK_M"]) * _cdiv(N, cfg["BLOCK_N"]),)
         km._matmul[grid](a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                          out.stride(0), out.stride(1), **cfg, ACCUMULATE=accumulate,

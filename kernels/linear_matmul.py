@@ -20,8 +20,16 @@ from ._aot import LaunchSpec, Pointer
 from .linear_logprobs_entropy import _dot, _grouped_tile
 
 # The Triton matmul tutorial's Hopper tile: m64n128k16 wgmma per warp group, 4 stages of
-# (128 + 128) x 64 x 2 bytes = 128 KiB of shared memory (bf16). Not tuned on a GPU yet.
+# (128 + 128) x 64 x 2 bytes = 128 KiB of shared memory (bf16). fp32 operands: BLOCK_K 32, the same
+# bytes per stage (64 would need 256 KiB, above sm_90's 227 KiB per CTA). Not tuned on a GPU yet.
 MATMUL_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)
+
+
+def matmul_config(element_size: int) -> dict:
+    """Tile constexprs of ``_matmul`` for operands of ``element_size`` bytes."""
+    return dict(MATMUL_CONFIG, BLOCK_K=128 // element_size)
+
+
 MATMUL_WARPS, MATMUL_STAGES = 8, 4
 
 
@@ -75,7 +83,7 @@ def compile_specs() -> list[LaunchSpec]:
         ):
             args = dict(a_ptr=Pointer(dt), b_ptr=Pointer(dt), c_ptr=Pointer(c_dtype), M=m_, N=n_, K=k_,
                         stride_am=a_strides[0], stride_ak=a_strides[1], stride_bk=b_strides[0],
-                        stride_bn=b_strides[1], stride_cm=d, stride_cn=1, **MATMUL_CONFIG,
+                        stride_bn=b_strides[1], stride_cm=d, stride_cn=1, **matmul_config(4 if dt == "fp32" else 2),
                         ACCUMULATE=acc, INPUT_PRECISION=prec, DOT_FP32=False)
             specs.append(LaunchSpec(_matmul, args, MATMUL_WARPS, MATMUL_STAGES, f"{label} [{dt}, {prec}]"))
     return specs
