@@ -186,6 +186,24 @@ def test_zero3_falls_back_to_trl(setup, monkeypatch):
     assert torch.equal(our_loss, ref_loss) and torch.equal(our_grads["lm_head"], ref_grads["lm_head"])
 
 
+def test_inexpressible_output_layer_falls_back_to_trl(setup, monkeypatch):
+    """An output layer the fused head cannot reproduce: TRL's own head and loss, with the head's reason."""
+    from entropy_ops.integrations import hf
+
+    def refuse(model):
+        raise NotImplementedError(f"no output head for {type(model).__name__}")
+
+    monkeypatch.setattr(hf, "output_head", refuse)
+    with pytest.warns(fused_trl.FusedFallbackWarning, match="no output head for LlamaForCausalLM"):
+        ours = make_trainer(fused_trl.FusedGRPOTrainer, setup, loss_type="sapo")
+    monkeypatch.undo()
+    assert ours.fused_plan.path == "trl"
+    reference = make_trainer(GRPOTrainer, setup, loss_type="sapo")
+    inputs = make_inputs(reference, 71)
+    (ref_loss, ref_grads), (our_loss, our_grads) = loss_and_grads(reference, inputs), loss_and_grads(ours, inputs)
+    assert torch.equal(our_loss, ref_loss) and torch.equal(our_grads["lm_head"], ref_grads["lm_head"])
+
+
 def test_no_warning_for_fused_defaults(setup):
     with warnings.catch_warnings():
         warnings.simplefilter("error", fused_trl.FusedFallbackWarning)
