@@ -1,26 +1,22 @@
 """entropy-ops behind verl's fused-kernel switch.
 
-In a verl run (FSDP workers), two steps:
+Needs the ``train`` extra (transformers) for this script; verl itself is optional here:
 
-1. a plugin module that verl imports in every worker::
-
-       # my_entropy_ops_plugin.py
-       from entropy_ops.integrations.verl import install
-       install(model_forward=True)   # or install(): only swap the two kernel entry points
-
-2. the switch and the plugin on the command line::
-
-       python -m verl.trainer.main_ppo ... \\
-           actor_rollout_ref.model.use_fused_kernels=True \\
-           actor_rollout_ref.model.fused_kernel_options.impl_backend=triton \\
-           actor_rollout_ref.model.external_lib=my_entropy_ops_plugin
-
-This script (CPU, seconds, no verl needed) shows what the workers then compute: verl's kernel
-call ``linear_cross_entropy(hidden, weight, labels, temperature, "none")`` on its
-remove-padding layout ``[1, total_nnz, D]``, and the model-level ``forward_for_ppo`` on a tiny
-random Gemma 2, whose final soft-cap verl's own fused forward would drop:
-
+    pip install -e ".[train]"        # from a clone; or: pip install "entropy-ops[train]"
     python examples/verl_fused_kernels.py
+
+In a verl run, the switch is three config keys (no code of your own; see docs/integrations.md)::
+
+    python -m verl.trainer.main_ppo ... \\
+        actor_rollout_ref.model.use_fused_kernels=True \\
+        actor_rollout_ref.model.fused_kernel_options.impl_backend=triton \\
+        actor_rollout_ref.model.external_lib=entropy_ops.integrations.verl_plugin
+
+verl imports ``external_lib`` in every worker; that import calls
+``entropy_ops.integrations.verl.install()``. This script (CPU, seconds) shows what the workers then
+compute: verl's kernel call ``linear_cross_entropy(hidden, weight, labels, temperature, "none")`` on
+its remove-padding layout ``[1, total_nnz, D]``, and the model-level ``forward_for_ppo`` on a tiny
+random Gemma 2, whose final soft-cap verl's own fused forward would drop.
 """
 import importlib.util
 
@@ -69,7 +65,7 @@ def main():
     kernel_call()
     errors = model_forward()
     if importlib.util.find_spec("verl") is not None:
-        entropy_ops_verl.install(model_forward=True)
+        entropy_ops_verl.install()
         print("verl is installed here: its fused-kernel entry points now point at entropy-ops")
     else:
         print("verl is not installed here: nothing to patch (see this file's docstring for a real run)")

@@ -1,5 +1,6 @@
 """Per-token log-probs and entropies with a tensor-parallel (vocab-sharded) lm_head.
 
+Needs only the base install (``pip install -e .`` from a clone, or ``pip install entropy-ops``).
 Runs on the CPU in seconds, two processes talking over gloo:
 
     python examples/vocab_parallel.py                          # spawns 2 ranks itself

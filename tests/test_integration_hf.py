@@ -137,15 +137,17 @@ def test_bf16_model_within_tolerance():
 
 def test_autocast_follows_lm_head(monkeypatch):
     """Under autocast the head reads the autocast dtype (as ``lm_head`` would) with fp32 master weights."""
+    from entropy_ops import output_head as head_module
+
     model = make_model("llama", 12)
     seen = []
-    op = hf.linear_logprobs_and_entropy
+    op = head_module.linear_logprobs_and_entropy
 
     def spy(hidden, weight, *args, **kwargs):
         seen.append((hidden.dtype, weight.dtype, torch.is_autocast_enabled("cpu")))
         return op(hidden, weight, *args, **kwargs)
 
-    monkeypatch.setattr(hf, "linear_logprobs_and_entropy", spy)
+    monkeypatch.setattr(head_module, "linear_logprobs_and_entropy", spy)
     input_ids, attention_mask, completion = make_batch(model.config.vocab_size, 12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logp, H = hf.compute_logprobs_and_entropy(model, input_ids, attention_mask, completion, backend="torch")
@@ -226,17 +228,18 @@ def test_bad_inputs_raise():
 
 
 def test_unsupported_heads_raise():
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(NotImplementedError, match="'gpt2'"):
-        hf.output_head(gpt2)
     model = make_model("llama", 9)
     model.lm_head = torch.nn.Sequential(model.lm_head)  # e.g. an adapter wrapping the head
-    with pytest.raises(TypeError, match="plain torch.nn.Linear"):
+    with pytest.raises(TypeError, match="'llama'.*plain torch.nn.Linear"):
         hf.output_head(model)
     cohere = make_model("cohere", 9)
-    cohere.logit_scale = -1.0
-    with pytest.raises(ValueError, match="logit_scale must be a finite number > 0"):
+    cohere.config.logit_scale = -1.0
+    with pytest.raises(ValueError, match="'cohere'.*logit_scale must be a finite number > 0"):
         hf.output_head(cohere)
+    bert = transformers.BertModel(transformers.BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
+                                                          intermediate_size=16, vocab_size=50))
+    with pytest.raises(TypeError, match="'bert'.*no output layer"):
+        hf.output_head(bert)
     with pytest.raises(ValueError, match="not both"):
         hf.OutputHead(cohere.lm_head.weight, scale=2.0, softcap=30.0)
 

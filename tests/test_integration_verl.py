@@ -1,8 +1,14 @@
-"""``entropy_ops.integrations.verl``: verl's fused-kernel signatures against a float64 reference,
-and ``install`` on stand-in verl modules (verl itself is not installed here)."""
+"""``entropy_ops.integrations.verl``: verl's entry-point signatures against float64 references written
+from verl's own definitions (verl does not import on this CPU-only machine: it needs ray and
+tensordict, so its functions are re-derived here from its source, not called), the tensor-parallel
+path on two gloo processes, the model-level forward on text and vision-language models, and
+``install`` on stand-in verl modules."""
+import os
 import subprocess
 import sys
+import tempfile
 import types
+from datetime import timedelta
 
 import pytest
 import torch
@@ -74,8 +80,8 @@ def test_triton_backend():
 def test_bad_arguments():
     hidden, weight, labels = make_inputs((1, 9), 6)
     with pytest.raises(ValueError, match="reduction"):
-        everl.linear_cross_entropy(hidden, weight, labels, 1.0, "mean")
-    with pytest.raises(NotImplementedError, match="dist_process_group"):
+        everl.linear_cross_entropy(hidden, weight, labels, 1.0, "avg")
+    with pytest.raises(ValueError, match="not initialized"):
         everl.linear_cross_entropy(hidden, weight, labels, 1.0, "none", object())
     with pytest.raises(ValueError, match="one value per token"):
         everl.fused_linear_for_ppo(hidden, weight, labels, torch.ones(4))
@@ -83,6 +89,104 @@ def test_bad_arguments():
         everl.fused_linear_for_ppo(hidden, weight, labels, torch.zeros(1, 9))
     with pytest.raises(ValueError, match="temperature"):
         everl.fused_linear_for_ppo(hidden, weight, labels, -1.0)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_reduction_reduces_log_probs_only(reduction):
+    """verl's kernel: ``sum`` / ``mean`` of the per-token log-probs over all tokens; entropy stays per token."""
+    hidden, weight, labels = make_inputs((1, 13), 9)
+    labels = labels.clamp(min=0)  # verl's kernel has no ignore_index
+    per_token, H = everl.linear_cross_entropy(hidden, weight, labels, 0.9, "none", backend="torch")
+    reduced, H2 = everl.linear_cross_entropy(hidden, weight, labels, 0.9, reduction, backend="torch")
+    expected = per_token.sum() if reduction == "sum" else per_token.mean()
+    assert reduced.dim() == 0 and H2.shape == (1, 13)
+    assert_close(reduced, expected, 1e-6, reduction)
+    assert torch.equal(H, H2)
+
+
+# ---------------------------------------------------------------- logits drop-ins
+def verl_logprobs_from_logits(logits, labels):
+    """verl's definition (torch_functional.logprobs_from_logits_naive): log_softmax, gather."""
+    return torch.log_softmax(logits.double(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def verl_entropy_from_logits(logits):
+    """verl's definition (torch_functional.entropy_from_logits): logsumexp - sum softmax * logits."""
+    logits = logits.double()
+    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("inplace_backward", [True, False])
+def test_logits_drop_ins_match_verl_definitions(backend, inplace_backward):
+    g = torch.Generator().manual_seed(10)
+    logits = (torch.randn(37, V, generator=g) * 3).requires_grad_()
+    labels = torch.randint(0, V, (37,), generator=g)
+    w = torch.randn(37, generator=g)
+    ref_logp = verl_logprobs_from_logits(logits, labels)
+    ref_H = verl_entropy_from_logits(logits)
+    (ref_g_logp,) = torch.autograd.grad((ref_logp * w.double()).sum(), logits)
+    (ref_g_H,) = torch.autograd.grad((ref_H * w.double()).sum(), logits)
+
+    H = everl.entropy_from_logits(logits.detach().clone().requires_grad_(), backend=backend)
+    assert H.dtype == torch.float32 and H.shape == (37,)
+    assert_close(H, ref_H, 1e-5, "entropy_from_logits")
+    assert_close(everl.entropy_from_logits_with_chunking(logits.detach(), 8, backend=backend), ref_H, 1e-5,
+                 "entropy_from_logits_with_chunking")
+    x = logits.detach().clone().requires_grad_()
+    (g_H,) = torch.autograd.grad((everl.entropy_from_logits(x, backend=backend) * w).sum(), x)
+    assert_close(g_H, ref_g_H, 1e-5, "d entropy / d logits", rowwise=True)
+
+    x = (logits.detach() * 1.0).requires_grad_()
+    logp = everl.logprobs_from_logits(x, labels, inplace_backward=inplace_backward, backend=backend)
+    assert logp.dtype == torch.float32 and logp.shape == (37,)
+    assert_close(logp, ref_logp, 1e-5, "logprobs_from_logits")
+    (g_logp,) = torch.autograd.grad((logp * w).sum(), x)
+    assert_close(g_logp, ref_g_logp, 1e-5, "d logp / d logits", rowwise=True)
+
+
+# ---------------------------------------------------------------- tensor parallel (2 gloo processes)
+def _tp_worker(rank, world, init_file):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                         timeout=timedelta(seconds=120))
+    try:
+        hidden, weight, labels = make_inputs((1, 21), 11)
+        labels = labels.clamp(min=0)
+        shard = V // world + 1  # verl's layout: equal shards in rank order (V padded to a multiple of tp)
+        full = torch.cat([weight.detach(), torch.zeros(shard * world - V, D)])  # padded rows: logit 0
+        mine = full[rank * shard:(rank + 1) * shard].clone().requires_grad_()
+        h = hidden.detach().clone().requires_grad_()
+        logp, H = everl.linear_cross_entropy(h, mine, labels, 0.8, "none", torch.distributed.group.WORLD,
+                                             backend="torch")
+        g = torch.Generator().manual_seed(12)
+        g_logp, g_H = torch.randn(1, 21, generator=g), torch.randn(1, 21, generator=g)
+        ((logp * g_logp).sum() + (H * g_H).sum()).backward()
+        dh = h.grad.clone()
+        torch.distributed.all_reduce(dh)  # what verl's caller does with d hidden (a sum over the group)
+
+        ref_h, ref_w = hidden.detach().double().requires_grad_(), full.double().requires_grad_()
+        ref_logp, ref_H = logprobs_entropy_reference(ref_h @ ref_w.t() / 0.8, labels)
+        ((ref_logp * g_logp.double()).sum() + (ref_H * g_H.double()).sum()).backward()
+        assert_close(logp, ref_logp, 1e-5, f"rank {rank} log_probs")
+        assert_close(H, ref_H, 1e-5, f"rank {rank} entropy")
+        assert_close(dh, ref_h.grad, 1e-5, f"rank {rank} sum over ranks of d hidden", rowwise=True)
+        # d weight: the shard's statistics are merged across ranks in fp32, so a row of tiny probabilities is
+        # accurate relative to the whole gradient (max-norm), not to its own row
+        ref_dw = ref_w.grad[rank * shard:(rank + 1) * shard]
+        err = (mine.grad.double() - ref_dw).abs().max()
+        assert err <= 1e-5 * ref_dw.abs().max(), f"rank {rank} d weight shard: max error {err:.3g}"
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_tensor_parallel_two_ranks():
+    """``dist_process_group``: each rank holds a vocab shard; outputs are the full-vocab values on every
+    rank and the group's sum of ``d hidden`` is the true gradient, as with verl's kernel."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_tp_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=True)
 
 
 # ---------------------------------------------------------------- model-level forward
@@ -137,13 +241,39 @@ def test_forward_for_ppo_per_token_temperature():
         everl.forward_for_ppo(capped, input_ids=input_ids, position_ids=position_ids, temperature=t)
 
 
+def test_forward_for_ppo_vision_language_model():
+    """A vision-language model with an image: the model's own forward runs (verl's fused forward would
+    call the text body alone), the output layer is never called."""
+    from test_patch import IMAGE_TOKEN, make_vlm
+
+    model = make_vlm(13).float()
+    g = torch.Generator().manual_seed(13)
+    input_ids = torch.randint(2, IMAGE_TOKEN, (1, 12), generator=g)
+    input_ids[0, 2:6] = IMAGE_TOKEN
+    pixel_values = torch.randn(1, 3, 8, 8, generator=g)
+    calls = []
+    logits = model(input_ids=input_ids, pixel_values=pixel_values).logits.double()
+    model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    out = everl.forward_for_ppo(model, input_ids=input_ids, pixel_values=pixel_values, temperature=0.9,
+                                return_dict=True, use_cache=False)
+    ref_logp, ref_H = logprobs_entropy_reference(logits / 0.9, torch.roll(input_ids, -1, -1))
+    assert calls == []
+    assert_close(out.log_probs, ref_logp, 1e-5, "log_probs (VLM)")
+    assert_close(out.entropy, ref_H, 1e-5, "entropy (VLM)")
+
+
 # ---------------------------------------------------------------- install (stand-in verl modules)
 @pytest.fixture
 def fake_verl(monkeypatch):
-    """The three verl modules ``install`` touches, with sentinels in place of verl's functions."""
-    mods = {name: types.ModuleType(name) for name in (everl._TRITON_MODULE, everl._TORCH_MODULE, everl._PATCH_MODULE)}
+    """The verl modules ``install`` touches, with sentinels in place of verl's functions."""
+    names = (everl._TRITON_MODULE, everl._TORCH_MODULE, everl._FUNCTIONAL_MODULE, everl._PATCH_MODULE,
+             "verl.workers.actor.dp_actor")
+    mods = {name: types.ModuleType(name) for name in names}
     mods[everl._TRITON_MODULE].linear_cross_entropy = "verl's kernel"
     mods[everl._TORCH_MODULE].FusedLinearForPPO = "verl's module"
+    for name in ("logprobs_from_logits", "entropy_from_logits", "entropy_from_logits_with_chunking"):
+        setattr(mods[everl._FUNCTIONAL_MODULE], name, f"verl's {name}")
+    mods["verl.workers.actor.dp_actor"].logprobs_from_logits = "bound at dp_actor's import"
     calls = []
     mods[everl._PATCH_MODULE].patch_forward_with_backends = lambda model, **kw: calls.append(kw)
     for name, mod in mods.items():
@@ -153,21 +283,43 @@ def fake_verl(monkeypatch):
 
 def test_install_points_verl_at_ours(fake_verl, monkeypatch):
     mods, calls = fake_verl
-    everl.install()
+    everl.install(model_forward=False, logits_functions=False)
     assert mods[everl._TRITON_MODULE].linear_cross_entropy is everl.linear_cross_entropy
     assert mods[everl._TORCH_MODULE].FusedLinearForPPO is everl.FusedLinearForPPO
-    everl.install(model_forward=True)
-    everl.install(model_forward=True)  # idempotent: wraps once
+    assert mods[everl._FUNCTIONAL_MODULE].logprobs_from_logits == "verl's logprobs_from_logits"
+    everl.install()
+    everl.install()  # idempotent: wraps once
+    functional = mods[everl._FUNCTIONAL_MODULE]
+    assert functional.logprobs_from_logits is everl.logprobs_from_logits
+    assert functional.entropy_from_logits is everl.entropy_from_logits
+    assert functional.entropy_from_logits_with_chunking is everl.entropy_from_logits_with_chunking
+    assert mods["verl.workers.actor.dp_actor"].logprobs_from_logits is everl.logprobs_from_logits
     patch = mods[everl._PATCH_MODULE].patch_forward_with_backends
     model = tiny("LlamaConfig", 9)
-    monkeypatch.setattr(type(model), "forward", type(model).forward)  # restored after the test
+    original = type(model).forward
+    monkeypatch.setattr(type(model), "forward", original)  # restored after the test
     patch(model, use_fused_kernels=False, fused_kernels_backend=None)
     assert calls == [dict(use_fused_kernels=False, fused_kernels_backend=None)]  # off: verl's own function
     patch(model, use_fused_kernels=True, fused_kernels_backend="triton")
-    assert type(model).forward is everl.forward_for_ppo
+    patch(model, use_fused_kernels=True, fused_kernels_backend="triton")  # actor and reference: same class
+    assert type(model).forward._entropy_ops_original is original
     input_ids, position_ids = packed_batch(9)
     out = model(input_ids=input_ids, position_ids=position_ids, temperature=1.0, return_dict=True)
-    assert out.log_probs.shape == input_ids.shape and torch.isfinite(out.entropy).all()
+    logits = original(model, input_ids=input_ids, position_ids=position_ids, use_cache=False).logits.double()
+    ref_logp, _ = logprobs_entropy_reference(logits, torch.roll(input_ids, -1, -1))
+    assert_close(out.log_probs, ref_logp, 1e-5, "log_probs through the installed forward")
+
+
+def test_plugin_module_is_the_config_switch(fake_verl, monkeypatch):
+    """``external_lib=entropy_ops.integrations.verl_plugin``: verl's import of it installs everything."""
+    import importlib
+
+    mods, _ = fake_verl
+    monkeypatch.delitem(sys.modules, "entropy_ops.integrations.verl_plugin", raising=False)
+    importlib.import_module("entropy_ops.integrations.verl_plugin")
+    assert mods[everl._TRITON_MODULE].linear_cross_entropy is everl.linear_cross_entropy
+    assert mods[everl._FUNCTIONAL_MODULE].entropy_from_logits is everl.entropy_from_logits
+    assert mods[everl._PATCH_MODULE].patch_forward_with_backends._entropy_ops
 
 
 def test_install_without_verl_raises(monkeypatch):
@@ -185,7 +337,7 @@ def test_example_runs():
 
 def test_library_imports_stay_light():
     """``import entropy_ops`` and the hf/verl integrations import neither transformers, trl nor verl."""
-    code = ("import sys, entropy_ops, entropy_ops.integrations, entropy_ops.integrations.hf, "
+    code = ("import sys, entropy_ops, entropy_ops.integrations, entropy_ops.integrations.hf, entropy_ops.patch, "
             "entropy_ops.integrations.verl; "
             "print(sorted(m for m in ('transformers', 'trl', 'verl') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

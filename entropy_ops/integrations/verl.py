@@ -1,66 +1,109 @@
-"""verl integration: entropy-ops behind verl's fused-kernel switch (``model.use_fused_kernels=True``).
+"""verl integration: drop-ins for verl's log-prob / entropy entry points, and the switch that installs them.
 
-How verl's switch is wired (read in verl's source; FSDP workers, ``dp_actor``):
-``actor_rollout_ref.model.use_fused_kernels=True`` makes ``apply_monkey_patch`` replace the model
-class's ``forward`` by verl's ``forward_with_{triton,torch}_backend`` (choice:
-``model.fused_kernel_options.impl_backend``). That forward runs the body, rolls the labels
-(``labels[t] = input_ids[t + 1]``, or takes ``shift_labels``), and calls, at call time,
+The switch (docs/integrations.md has the full YAML)::
 
-* triton: ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy(hidden, weight, labels,
-  temperature, "none")``;
-* torch: ``verl.utils.experimental.torch_functional.FusedLinearForPPO(...).forward(hidden_states=,
-  vocab_weights=, input_ids=, temperature=)``;
+    actor_rollout_ref.model.use_fused_kernels=True
+    actor_rollout_ref.model.fused_kernel_options.impl_backend=triton      # or torch: both are served
+    actor_rollout_ref.model.external_lib=entropy_ops.integrations.verl_plugin
 
-both ``-> (log_probs, entropy)`` of the leading shape; the actor reads ``output.log_probs`` and
-``output.entropy`` and never sees logits. This module provides drop-ins with those signatures
-(:func:`linear_cross_entropy`, :class:`FusedLinearForPPO`, both on
-:func:`entropy_ops.linear_logprobs_and_entropy`) and :func:`install`, which points both names
-at them in the *current process*. verl runs its actors in Ray worker processes, so the call must
-happen there: put it in a module of your own and list that module in verl's
-``actor_rollout_ref.model.external_lib`` (verl imports it in every worker before building the
-model)::
+verl imports ``external_lib`` in every worker before it builds the model; importing
+:mod:`entropy_ops.integrations.verl_plugin` calls :func:`install` there (entropy-ops itself never
+patches anything on import). What :func:`install` replaces, in the worker's process (verl's source
+was read to find each entry point; its code is not copied):
 
-    # my_entropy_ops_plugin.py
-    from entropy_ops.integrations.verl import install
-    install()
+========================================================  =========================================
+verl name                                                 entropy-ops drop-in (same signature)
+========================================================  =========================================
+``verl.utils.kernel.linear_cross_entropy.                 :func:`linear_cross_entropy` (FSDP fused
+linear_cross_entropy(hidden, weight, labels,              forward with ``impl_backend=triton``;
+temperature, reduction, dist_process_group)``             Megatron fused forward with the
+                                                          tensor-parallel group)
+``verl.utils.experimental.torch_functional.               :class:`FusedLinearForPPO`
+FusedLinearForPPO`` (``impl_backend=torch``)
+``verl.utils.torch_functional.logprobs_from_logits(       :func:`logprobs_from_logits` (the
+logits, labels, inplace_backward=True)``                  logits path, ``use_fused_kernels=False``)
+``verl.utils.torch_functional.entropy_from_logits(        :func:`entropy_from_logits`,
+logits)`` and ``entropy_from_logits_with_chunking``       :func:`entropy_from_logits_with_chunking`
+``patch_forward_with_backends`` (``model_forward=True``)  installs :func:`forward_for_ppo`
+========================================================  =========================================
 
-    python -m verl.trainer.main_ppo ... actor_rollout_ref.model.use_fused_kernels=True \\
-        actor_rollout_ref.model.fused_kernel_options.impl_backend=triton \\
-        actor_rollout_ref.model.external_lib=my_entropy_ops_plugin
+Modules that bound one of these names at their import (``from ... import name``) before
+:func:`install` ran get the drop-in too, when they are already imported.
 
-(entropy-ops itself never patches anything on import.) ``install(model_forward=True)`` also
-replaces verl's forward itself by :func:`forward_for_ppo`: verl's passes only
-``lm_head.weight``, so for Gemma 2/3 (final soft-cap), Cohere/Granite (logit scale) or a biased
-head its fused path computes a different distribution than the model, whatever the kernel;
-:func:`forward_for_ppo` applies the family's head (:mod:`entropy_ops.integrations.hf`).
-
-Semantics (``h`` = hidden ``[..., D]``, ``W`` ``[V, D]``, ``y`` labels ``[...]``, ``t`` temperature)::
+Semantics (``h`` hidden ``[..., D]``, ``W`` ``[V, D]``, ``y`` labels ``[...]``, ``t`` temperature)::
 
     log_probs = log_softmax(h W^T / t)[y],   entropy = -sum_v p_v log p_v,   p = softmax(h W^T / t)
 
-fp32 outputs of shape ``h.shape[:-1]`` (verl's torch path returns the input dtype; fp32 is at
-least as accurate); labels equal to ``-100`` give 0 and no gradient. ``t`` may be a float or, as
-in recent verl, a tensor with one temperature per token: ``h W^T / t_n = (h_n / t_n) W^T``, so
-the rows are pre-scaled (one rounding of ``h / t`` to the input dtype). Not supported:
-``reduction`` other than ``"none"`` (the only one verl's actor uses) and ``dist_process_group``
-(vocabulary-parallel heads): ``ValueError`` / ``NotImplementedError``. Megatron workers use a
-different path (``get_mcore_forward_fused_fn``) that this module does not touch.
+fp32, shape ``h.shape[:-1]``; a label equal to ``-100`` gives 0 and no gradient. ``t`` may be a float
+or, as in recent verl, a tensor with one temperature per token (``h W^T / t_n = (h_n / t_n) W^T``:
+the rows are pre-scaled, one rounding of ``h / t`` to the input dtype). ``reduction`` ``"sum"`` /
+``"mean"`` reduce ``log_probs`` over all tokens (verl's definition); ``entropy`` stays per token.
+
+Tensor parallelism (``dist_process_group``): as in verl's kernel, ``weight`` is this rank's block of
+rows ``[r V_r, (r + 1) V_r)`` (``r`` its rank in the group, equal shards in rank order), ``hidden``
+and ``labels`` (global ids) are the same on every rank, and the outputs are the full-vocabulary
+values on every rank (:func:`entropy_ops.vocab_parallel.vocab_parallel_linear_logprobs_and_entropy`:
+one all-reduce MAX and one SUM of ``[3, N]``). verl's kernel returns, as ``d hidden``, this rank's
+partial sum ``dz_r W_r`` and leaves the sum over ranks to its caller (the backward of
+``gather_from_sequence_parallel_region``); the vocab-parallel op already all-reduces it, so the
+drop-in returns ``(1 / tp) sum_r dz_r W_r`` on each rank: the caller's sum is then the true gradient,
+as with verl's kernel.
+
+:func:`forward_for_ppo` is the model-level forward with verl's fused contract
+(``output.log_probs``, ``output.entropy``). Unlike verl's own, it runs the model's *own* forward
+with the output layer captured (:mod:`entropy_ops.output_head`), so vision-language models
+(``pixel_values``, ``image_grid_thw``, ...) work, and it applies the model's full head (bias,
+final soft-cap, logit scale: Gemma 2/3, Cohere, Granite), which verl's passes over.
 """
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from ..linear_ops import linear_logprobs_and_entropy
-from .hf import head_logprobs_and_entropy, model_body, output_head
+from ..output_head import capture_head, head_logprobs_and_entropy, output_head
+from ..token_ops import token_entropy, token_logprobs
+from ..vocab_parallel import vocab_parallel_linear_logprobs_and_entropy
 
 _TRITON_MODULE = "verl.utils.kernel.linear_cross_entropy"
 _TORCH_MODULE = "verl.utils.experimental.torch_functional"
+_FUNCTIONAL_MODULE = "verl.utils.torch_functional"
 _PATCH_MODULE = "verl.models.transformers.monkey_patch"
+# Modules that bind a replaced name at their import (read in verl's source).
+_BINDERS = {
+    "linear_cross_entropy": ("verl.models.mcore.model_forward_fused", "verl.models.mcore.model_forward_1f1b_overlap"),
+    "logprobs_from_logits": ("verl.workers.actor.dp_actor",),
+}
+REDUCTIONS = ("none", "sum", "mean")
 
 
+# ---------------------------------------------------------------- logits drop-ins
+def logprobs_from_logits(logits, labels, inplace_backward=True, *, backend: str = "auto"):
+    """verl's ``logprobs_from_logits``: ``log_softmax(logits)[labels]``, fp32 ``logits.shape[:-1]``.
+
+    ``inplace_backward=True`` (verl's default) lets backward write the logits' gradient into the
+    logits' own buffer, as verl's flash-attn path does: nothing may read the logits after backward
+    (verl sets it False when it also computes the entropy from them).
+    """
+    return token_logprobs(logits, labels, inplace_backward=bool(inplace_backward), backend=backend)
+
+
+def entropy_from_logits(logits, *, backend: str = "auto"):
+    """verl's ``entropy_from_logits``: ``logsumexp(logits) - sum softmax(logits) * logits``, fp32."""
+    return token_entropy(logits, backend=backend)
+
+
+def entropy_from_logits_with_chunking(logits, chunk_size: int = 2048, *, backend: str = "auto"):
+    """verl's ``entropy_from_logits_with_chunking``; ``chunk_size`` is accepted and unused (the fused
+    op streams the vocabulary and never holds a softmax copy)."""
+    return token_entropy(logits, backend=backend)
+
+
+# ---------------------------------------------------------------- hidden-state drop-ins
 def _per_token_temperature(temperature, lead_shape: torch.Size):
     """A float, or a tensor broadcastable to ``lead_shape`` (None when the tensor has one element)."""
     if not isinstance(temperature, torch.Tensor):
@@ -74,6 +117,14 @@ def _per_token_temperature(temperature, lead_shape: torch.Size):
     return 1.0, t
 
 
+def _prescale(hidden, per_token):
+    """``hidden / t`` per row (the per-token temperature folded into the rows)."""
+    per_token = per_token.to(device=hidden.device)
+    if not bool((per_token > 0).all()):  # host sync, per-token temperatures only
+        raise ValueError("temperature must be > 0 for every token")
+    return (hidden.float() / per_token.float().unsqueeze(-1)).to(hidden.dtype)
+
+
 def fused_linear_for_ppo(hidden_states, vocab_weights, input_ids, temperature=1.0, *, backend: str = "auto"):
     """``(log_probs, entropy)`` fp32, shape ``hidden_states.shape[:-1]`` (module docstring for the math).
 
@@ -85,22 +136,58 @@ def fused_linear_for_ppo(hidden_states, vocab_weights, input_ids, temperature=1.
         raise ValueError("hidden_states must be a [..., D] tensor")
     temperature, per_token = _per_token_temperature(temperature, hidden_states.shape[:-1])
     if per_token is not None:
-        per_token = per_token.to(device=hidden_states.device)
-        if not bool((per_token > 0).all()):  # host sync, per-token temperatures only
-            raise ValueError("temperature must be > 0 for every token")
-        hidden_states = (hidden_states.float() / per_token.float().unsqueeze(-1)).to(hidden_states.dtype)
+        hidden_states = _prescale(hidden_states, per_token)
     return linear_logprobs_and_entropy(hidden_states, vocab_weights, input_ids, temperature=temperature,
                                        backend=backend)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity in forward; multiplies the gradient by ``scale`` in backward."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def _tensor_parallel(hidden, weight, labels, temperature, group, backend):
+    """verl's tensor-parallel contract on the vocab-parallel op (module docstring)."""
+    world = dist.get_world_size(group)
+    vocab_start = dist.get_rank(group) * weight.shape[0]
+    temperature, per_token = _per_token_temperature(temperature, hidden.shape[:-1])
+    if per_token is not None:
+        hidden = _prescale(hidden, per_token)
+    if world > 1:
+        hidden = _ScaleGrad.apply(hidden, 1.0 / world)  # the caller sums d hidden over the group
+    return vocab_parallel_linear_logprobs_and_entropy(hidden, weight, labels, vocab_start=vocab_start,
+                                                      process_group=group, temperature=temperature, backend=backend)
+
+
 def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None, *,
                          backend: str = "auto"):
-    """verl's ``linear_cross_entropy(hidden, weight, labels, temperature, reduction, dist_process_group)``."""
-    if reduction != "none":
-        raise ValueError(f"reduction must be 'none' (per-token outputs, as verl's actor uses it), got {reduction!r}")
+    """verl's ``linear_cross_entropy(hidden, weight, labels, temperature, reduction, dist_process_group)``.
+
+    Returns ``(log_probs, entropy)``: ``log_probs`` per token (``"none"``) or its sum / mean over all
+    tokens, ``entropy`` per token, fp32. ``dist_process_group``: ``weight`` is this rank's vocab
+    shard (module docstring).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if dist_process_group is not None:
-        raise NotImplementedError("dist_process_group (a vocabulary-parallel lm_head) is not supported")
-    return fused_linear_for_ppo(hidden, weight, labels, temperature, backend=backend)
+        if not dist.is_initialized():
+            raise ValueError("dist_process_group was given but torch.distributed is not initialized")
+        log_probs, entropy = _tensor_parallel(hidden, weight, labels, temperature, dist_process_group, backend)
+    else:
+        log_probs, entropy = fused_linear_for_ppo(hidden, weight, labels, temperature, backend=backend)
+    if reduction == "sum":
+        log_probs = log_probs.sum()
+    elif reduction == "mean":
+        log_probs = log_probs.mean()
+    return log_probs, entropy
 
 
 class FusedLinearForPPO(torch.nn.Module):
@@ -115,58 +202,96 @@ class FusedLinearForPPO(torch.nn.Module):
         return fused_linear_for_ppo(hidden_states, vocab_weights, input_ids, temperature, backend=self.backend)
 
 
+# ---------------------------------------------------------------- model-level forward
 @dataclass
 class PPOForwardOutput:
     """What verl's actor reads from a fused forward: ``log_probs`` and ``entropy``, fp32 ``[B, T]``."""
 
     log_probs: torch.Tensor
     entropy: torch.Tensor
+    past_key_values: object = None
+    hidden_states: object = None
+    attentions: object = None
 
 
-def forward_for_ppo(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
-                    temperature=1.0, shift_labels=None, return_dict=True, use_cache=False, **kwargs):
-    """A causal LM ``forward`` with verl's fused contract, through the family's full head.
+# Forward arguments that only matter for a logits / generation pass.
+_DROPPED = ("past_key_values", "cache_position", "logits_to_keep", "return_dict", "use_cache")
 
-    Bound as ``model.__class__.forward``. Runs the body on the inputs, rolls the labels like verl
-    (``shift_labels``, else ``labels`` or ``input_ids`` shifted left by one, the last column
-    wrapping around, which verl discards), and scores every position with the model's
-    :class:`~entropy_ops.integrations.hf.OutputHead` (bias, soft-cap and logit scale included).
-    A per-token ``temperature`` tensor needs a head with neither bias nor soft-cap.
+
+def forward_for_ppo(self, *args, labels=None, shift_labels=None, temperature=1.0, backend: str = "auto", **kwargs):
+    """A causal LM ``forward`` with verl's fused contract, through the model's own forward and full head.
+
+    Runs the forward the model class had before :func:`install` replaced it (``model.forward`` when
+    called directly on an unpatched model) with the output layer captured, every argument passed
+    through (``pixel_values`` & co. of a vision-language model included), then scores the captured
+    hidden states with the model's :class:`~entropy_ops.output_head.OutputHead`. Labels are rolled
+    like verl's (``shift_labels``, else ``labels`` or ``input_ids`` shifted left by one, the last
+    column wrapping around, which verl discards). A per-token ``temperature`` tensor needs a head
+    with neither bias nor soft-cap.
     """
-    for name in ("past_key_values", "logits_to_keep", "cache_position", "output_attentions", "output_hidden_states"):
-        kwargs.pop(name, None)  # verl passes these for the logits forward; a scoring pass needs none of them
-    body_out = model_body(self)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                inputs_embeds=inputs_embeds, use_cache=False, **kwargs)
-    hidden = body_out.last_hidden_state
+    for name in _DROPPED:
+        kwargs.pop(name, None)
+    original = getattr(type(self).forward, "_entropy_ops_original", None)
+    head = output_head(self)
+    with capture_head(self, head) as record:
+        if original is None:
+            out = type(self).forward(self, *args, use_cache=False, return_dict=True, **kwargs)
+        else:
+            out = original(self, *args, use_cache=False, return_dict=True, **kwargs)
+    record.check_transform(out.get("logits") if hasattr(out, "get") else out[0])
+    hidden = record.hidden
     if shift_labels is None:
-        source = labels if labels is not None else input_ids
+        source = labels if labels is not None else kwargs.get("input_ids", args[0] if args else None)
         if source is None:
             raise ValueError("forward_for_ppo needs input_ids, labels or shift_labels to score")
         shift_labels = torch.roll(source, shifts=-1, dims=-1)
-    head = output_head(self)
     temperature, per_token = _per_token_temperature(temperature, hidden.shape[:-1])
     if per_token is not None:
         if head.bias is not None or head.softcap is not None:
             raise NotImplementedError("a per-token temperature tensor needs a head without bias or soft-cap")
-        hidden = (hidden.float() / per_token.to(hidden.device).float().unsqueeze(-1)).to(hidden.dtype)
+        hidden = _prescale(hidden, per_token)
     logp, H = head_logprobs_and_entropy(head, hidden.reshape(-1, hidden.shape[-1]), shift_labels.reshape(-1),
-                                        temperature=temperature)
-    return PPOForwardOutput(log_probs=logp.view(hidden.shape[:-1]), entropy=H.view(hidden.shape[:-1]))
+                                        temperature=temperature, backend=backend)
+    lead = hidden.shape[:-1]
+    return PPOForwardOutput(log_probs=logp.view(lead), entropy=H.view(lead),
+                            hidden_states=out.get("hidden_states"), attentions=out.get("attentions"))
 
 
-def install(*, model_forward: bool = False) -> None:
-    """Point verl's fused-kernel entry points at entropy-ops, in this process (idempotent).
+def _forward_for_ppo_of(original):
+    """``forward_for_ppo`` bound to the class forward it replaces (kept for every later call)."""
+    original = getattr(original, "_entropy_ops_original", original)
 
-    Replaces ``linear_cross_entropy`` (verl's triton backend) and ``FusedLinearForPPO`` (its torch
-    backend) in their verl modules; verl imports them at call time, so models patched before or
-    after this call use ours. With ``model_forward=True``, also wraps verl's
-    ``patch_forward_with_backends`` so that ``use_fused_kernels`` installs :func:`forward_for_ppo`
-    as the model's forward (either backend). Raises ``ImportError`` when verl is not installed.
+    def forward(self, *args, **kwargs):
+        return forward_for_ppo(self, *args, **kwargs)
+
+    forward._entropy_ops_original = original
+    return forward
+
+
+# ---------------------------------------------------------------- install
+def _replace(module, name: str, value) -> None:
+    setattr(module, name, value)
+    for binder in _BINDERS.get(name, ()):
+        if binder in sys.modules and hasattr(sys.modules[binder], name):
+            setattr(sys.modules[binder], name, value)
+
+
+def install(*, model_forward: bool = True, logits_functions: bool = True) -> None:
+    """Point verl's entry points at entropy-ops, in this process (idempotent; table in the module docstring).
+
+    ``model_forward``: also wrap verl's ``patch_forward_with_backends`` so that
+    ``use_fused_kernels=True`` installs :func:`forward_for_ppo` (either ``impl_backend``) instead of
+    verl's fused forward, for every model type, vision-language models included.
+    ``logits_functions``: also replace ``logprobs_from_logits`` / ``entropy_from_logits`` (used when
+    ``use_fused_kernels=False``). Raises ``ImportError`` when verl is not installed.
     """
-    triton_mod = importlib.import_module(_TRITON_MODULE)
-    torch_mod = importlib.import_module(_TORCH_MODULE)
-    triton_mod.linear_cross_entropy = linear_cross_entropy
-    torch_mod.FusedLinearForPPO = FusedLinearForPPO
+    _replace(importlib.import_module(_TRITON_MODULE), "linear_cross_entropy", linear_cross_entropy)
+    _replace(importlib.import_module(_TORCH_MODULE), "FusedLinearForPPO", FusedLinearForPPO)
+    if logits_functions:
+        functional = importlib.import_module(_FUNCTIONAL_MODULE)
+        _replace(functional, "logprobs_from_logits", logprobs_from_logits)
+        _replace(functional, "entropy_from_logits", entropy_from_logits)
+        _replace(functional, "entropy_from_logits_with_chunking", entropy_from_logits_with_chunking)
     if not model_forward:
         return
     patch_mod = importlib.import_module(_PATCH_MODULE)
@@ -177,8 +302,8 @@ def install(*, model_forward: bool = False) -> None:
     def patch_forward_with_backends(model, use_fused_kernels=False, fused_kernels_backend=None):
         if not use_fused_kernels:
             return original(model, use_fused_kernels=use_fused_kernels, fused_kernels_backend=fused_kernels_backend)
-        output_head(model)  # refuse an unsupported family before training starts
-        model.__class__.forward = forward_for_ppo
+        output_head(model)  # refuse an unusable head before training starts, naming the family
+        model.__class__.forward = _forward_for_ppo_of(model.__class__.forward)
 
     patch_forward_with_backends._entropy_ops = True
     patch_mod.patch_forward_with_backends = patch_forward_with_backends
