@@ -32,18 +32,21 @@ def test_em_ft_loss_hand_case():
                         dtype=F64, requires_grad=True)
     ref = torch.tensor([[-2.0, -0.5, 0.0], [-1.0, 0.0, 0.0], [-0.1, -0.1, -0.3], [0.0, 0.0, 0.0]], dtype=F64)
     loss, metrics = em_ft_loss(entropy, MASK)
-    assert_close(loss, (1 + 2 + 3 + 0.5 + 0.5 + 1) / 6)  # valid tokens only
+    # per-response means 3/2, 3, 2/3 (row 3 has no valid token and is left out), averaged over 3 responses
+    assert_close(loss, (1.5 + 3.0 + 2 / 3) / 3)
     loss.backward()
-    assert_close(entropy.grad, MASK.double() / 6)
-    # k3(logp, ref) = exp(ref - logp) - (ref - logp) - 1 at the 6 valid tokens
-    k3 = [math.exp(-1) + 1 - 1, 0.0, math.exp(1) - 1 - 1, 0.0, math.exp(0.1) - 0.1 - 1, 0.0]
+    weight = torch.tensor([[1 / 6] * 3, [1 / 3] * 3, [1 / 9] * 3, [0.0] * 3], dtype=F64)  # 1 / (n L_i)
+    assert_close(entropy.grad, torch.where(MASK, weight, 0.0))
+    # k3(logp, ref) = exp(ref - logp) - (ref - logp) - 1 at the valid tokens, response by response
+    k3 = [[math.exp(-1) + 1 - 1, 0.0], [math.exp(1) - 1 - 1], [0.0, math.exp(0.1) - 0.1 - 1, 0.0]]
+    kl = sum(sum(row) / len(row) for row in k3) / 3
     loss, metrics = em_ft_loss(entropy, MASK, logp=logp, ref_logprobs=ref, kl_coef=0.5)
-    assert_close(metrics["kl"], sum(k3) / 6)
-    assert_close(metrics["entropy"], 8 / 6)
-    assert_close(loss, 8 / 6 + 0.5 * sum(k3) / 6)
+    assert_close(metrics["kl"], kl)
+    assert_close(metrics["entropy"], (1.5 + 3.0 + 2 / 3) / 3)
+    assert_close(loss, (1.5 + 3.0 + 2 / 3) / 3 + 0.5 * kl)
     loss.backward()
     # d k3 / d logp = 1 - exp(ref - logp)
-    expected = torch.where(MASK, 0.5 * (1 - torch.exp(ref - logp.detach())) / 6, 0.0)
+    expected = torch.where(MASK, 0.5 * (1 - torch.exp(ref - logp.detach())) * weight, 0.0)
     assert_close(logp.grad, expected)
 
 
@@ -60,7 +63,9 @@ def test_em_ft_gradient_through_the_fused_op():
     loss.backward()
     s = logits_ref / tau
     H_ref = -(torch.softmax(s, -1) * torch.log_softmax(s, -1)).sum(-1)
-    loss_ref = (H_ref * mask).sum() / mask.sum()
+    rows = mask.sum(1) > 0
+    per_row = (H_ref * mask).sum(1) / mask.sum(1).clamp_min(1)  # per-response mean, then mean over responses
+    loss_ref = per_row[rows].sum() / rows.sum()
     loss_ref.backward()
     assert_close(loss, loss_ref, rtol=1e-5)
     assert_close(logits.grad, logits_ref.grad, rtol=1e-4, atol=1e-7)
@@ -91,10 +96,15 @@ def test_k3_is_nonnegative_zero_at_equality_and_capped():
 def test_em_rl_rewards_hand_case():
     logprobs = torch.tensor([[-1.0, -3.0, 9.0], [-2.0, 9.0, 9.0], [-0.5, -0.5, -2.0], [9.0, 9.0, 9.0]], dtype=F64)
     entropy = torch.tensor([[0.2, 0.4, 9.0], [1.0, 9.0, 9.0], [0.3, 0.3, 0.6], [9.0, 9.0, 9.0]], dtype=F64)
-    assert_close(em_rl_rewards(logprobs, entropy, MASK), [-2.0, -2.0, -1.0, 0.0])
-    assert_close(em_rl_rewards(logprobs, entropy, MASK, reduction="sum"), [-4.0, -2.0, -3.0, 0.0])
-    assert_close(em_rl_rewards(logprobs, entropy, MASK, estimator="token"), [-0.3, -1.0, -0.4, 0.0])
-    assert_close(em_rl_rewards(logprobs, None, MASK, estimator="sequence"), [-2.0, -2.0, -1.0, 0.0])
+    # default: the paper's sums, r = sum_t logp (sequence) and r = -sum_t H (token)
+    assert_close(em_rl_rewards(logprobs, entropy, MASK), [-4.0, -2.0, -3.0, 0.0])
+    assert_close(em_rl_rewards(logprobs, entropy, MASK, reduction="mean"), [-2.0, -2.0, -1.0, 0.0])
+    assert_close(em_rl_rewards(logprobs, entropy, MASK, estimator="token"), [-0.6, -1.0, -1.2, 0.0])
+    assert_close(em_rl_rewards(logprobs, entropy, MASK, estimator="token", reduction="mean"), [-0.3, -1.0, -0.4, 0.0])
+    assert_close(em_rl_rewards(logprobs, None, MASK, estimator="sequence"), [-4.0, -2.0, -3.0, 0.0])
+    assert EMRL().reduction == "sum" and EMRL().estimator == "sequence"
+    assert EMRL.loss_aggregation == "token" and EMFT.loss_aggregation == "sequence"
+    assert EMFT.default_learning_rate < 1e-4 and EMRL.default_learning_rate < 1e-4
 
 
 def test_rloo_advantages():

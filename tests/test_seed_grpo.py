@@ -144,8 +144,12 @@ def test_algorithm_class():
 
 def test_bad_options():
     with pytest.raises(ValueError, match="alpha"):
-        SeedGRPO(alpha=1.5)  # the linear f would flip signs
-    SeedGRPO(alpha=1.5, modulation="exp")
+        SeedGRPO(alpha=-0.1)
+    SeedGRPO(alpha=1.5)  # x is clamped at 1, so the linear f never flips a sign
+    with pytest.raises(ValueError, match="estimator"):
+        SeedGRPO(estimator="kernel")
+    with pytest.raises(ValueError, match="gamma"):
+        SeedGRPO(modulation="focal", gamma=0.0)
     with pytest.raises(ValueError, match="modulation"):
         SeedGRPO(modulation="cosine")
     with pytest.raises(ValueError, match="weighting"):
@@ -157,3 +161,52 @@ def test_bad_options():
     answers, rewards, mask, logprobs = hand_group()
     with pytest.raises(ValueError, match="class_ids must lie"):
         seed_grpo_advantages(rewards, torch.tensor([0, 0, 1, 4]), logprobs, mask, 4)
+
+
+def test_monte_carlo_estimator_hand_case():
+    """Kuhn et al.: SE = -(1/K) sum_k log p(C_k) over the K classes found; plug-in: -sum p log p."""
+    ids = torch.tensor([0, 0, 0, 1, 0, 1, 2, 3])  # two groups of 4: p = (3/4, 1/4) and four classes of 1/4
+    se_mc = semantic_entropy(ids, 4, None, estimator="monte-carlo")
+    se_pi = semantic_entropy(ids, 4, None, estimator="plugin")
+    assert_close(se_mc, [-(math.log(0.75) + math.log(0.25)) / 2, math.log(4)], rtol=1e-12)
+    assert_close(se_pi, [entropy_of([0.75, 0.25]), math.log(4)], rtol=1e-12)
+    assert se_mc[0] > se_pi[0]  # the rare class weighs as much as the common one
+    # the Monte-Carlo form can pass log G: one very unlikely class
+    lp = torch.tensor([0.0, 0.0, 0.0, -30.0], dtype=F64)
+    assert semantic_entropy(torch.tensor([0, 0, 0, 1]), 4, lp, estimator="monte-carlo").item() > math.log(4)
+    # ... and the factor stays in [0, 1] (x clamped at 1)
+    rewards, mask = torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=F64), torch.ones(4, 1, dtype=torch.bool)
+    adv = seed_grpo_advantages(rewards, torch.tensor([0, 0, 0, 1]), lp.view(4, 1), mask, 4, alpha=1.0,
+                               estimator="monte-carlo", length_normalized=False)
+    assert (adv == 0).all()
+
+
+@pytest.mark.parametrize("modulation,f", [("linear", lambda x: 1 - x), ("exp", lambda x: math.exp(-x)),
+                                          ("focal", lambda x: (1 - x) ** 2), ("inverse", lambda x: 1 / (1 + x))])
+def test_modulations_hand_case(modulation, f):
+    ids = torch.tensor([0, 0, 1, 2])  # count weighting: p = 1/2, 1/4, 1/4
+    se = entropy_of([0.5, 0.25, 0.25])
+    rewards = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=F64)
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    adv, se_out, factor = seed_grpo_advantages(rewards, ids, torch.zeros(4, 2, dtype=F64), mask, 4, alpha=1.0,
+                                               modulation=modulation, weighting="count", return_factor=True)
+    x = se / math.log(4)
+    assert_close(se_out, [se], rtol=1e-12)
+    assert_close(factor, [f(x)], rtol=1e-6)
+    assert_close(adv, [0.5 * f(x), 0.5 * f(x), -0.5 * f(x), -0.5 * f(x)], rtol=1e-6)
+
+
+def test_default_alpha_spans_a_range_and_is_logged():
+    """alpha = 1 (default): agreeing groups keep factor 1, a 2-2 split gets 1 - log 2 / log 4 = 0.5."""
+    algo = SeedGRPO(weighting="count")
+    assert algo.alpha == 1.0
+    answers = ["3", "3", "3", "3", "3", "3", "4", "4"]
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+    batch = RolloutBatch(prompts=["p", "q"], completions=["c"] * 8, group_size=4, rewards=rewards,
+                         correct=rewards > 0, completion_mask=torch.ones(8, 2, dtype=torch.bool),
+                         old_logprobs=torch.zeros(8, 2), old_entropy=torch.zeros(8, 2), answers=answers)
+    adv = algo.advantages(batch)
+    assert_close(adv, [0, 0, 0, 0, 0.25, 0.25, -0.25, -0.25], rtol=1e-6)
+    metrics = algo.step_metrics(batch, adv)
+    assert_close(torch.tensor([metrics["seed/factor_min"], metrics["seed/factor_max"]]), [0.5, 1.0], rtol=1e-6)
+    assert_close(torch.tensor(metrics["seed/factor_signal_mean"]), 0.5, rtol=1e-6)

@@ -35,10 +35,11 @@ class TrainConfig:
     # --- model and data
     model: str = _f(TINY_MODEL, "Hugging Face causal LM: a Hub name, a local directory, or 'tiny-arith' (embedded).")
     ref_model: str | None = _f(None, "Reference model for the KL term (loss.beta > 0); null: a frozen copy of `model`.")
-    dataset: str = _f("arithmetic", "'arithmetic' (the generated addition task) or a JSONL file of {prompt, answer} rows.")
-    eval_dataset: str | None = _f(None, "JSONL of held-out rows; null: the arithmetic task's held-out split (none for JSONL).")
-    arithmetic_digits: int = _f(2, "Operand digits of the arithmetic task.")
-    num_eval_prompts: int = _f(200, "Held-out prompts evaluated (the arithmetic split size; a cap for eval_dataset).")
+    dataset: str = _f("addition", "A generated task, 'addition' (multi-operand addition with a scratchpad, the "
+                                  "default) or 'arithmetic' (a+b, 2 digits), or a JSONL file of {prompt, answer} rows.")
+    eval_dataset: str | None = _f(None, "JSONL of held-out rows; null: the generated task's held-out split (none for JSONL).")
+    arithmetic_digits: int = _f(2, "Operand digits of the 'arithmetic' task.")
+    num_eval_prompts: int = _f(1000, "Held-out prompts evaluated (the generated task's split size; a cap for eval_dataset).")
     answer_format: str = _f("boxed", "Final-answer format of completions: 'boxed', 'gsm8k' (#### 42) or 'last_number'.")
     rewards: dict[str, float] = _f({"correctness": 1.0},
                                    "Reward functions and weights: correctness, format, length, or 'module:function'.")
@@ -48,16 +49,17 @@ class TrainConfig:
     loss: dict[str, Any] = _f({}, "PolicyLossConfig overrides on top of the algorithm's preset (eps_high, beta, ...).")
     dynamic_sampling: bool = _f(False, "Drop groups whose rewards are all equal before the update (DAPO).")
     # --- rollout
-    num_prompts: int = _f(16, "Prompts per step.")
+    num_prompts: int = _f(8, "Prompts per step.")
     group_size: int = _f(8, "Completions sampled per prompt (G >= 2).")
-    max_new_tokens: int = _f(8, "Longest completion, in tokens.")
+    max_new_tokens: int = _f(48, "Longest completion, in tokens.")
     temperature: float = _f(1.0, "Sampling temperature; the loss scores tokens at the same temperature.")
     top_p: float = _f(1.0, "Nucleus sampling threshold (1: off).")
     top_k: int = _f(0, "Top-k sampling (0: off).")
     rollout_engine: str = _f("hf", "Sampling engine: 'hf' (transformers generate) or 'vllm' (colocated, extra [vllm]).")
     rollout_engine_options: dict[str, Any] = _f({}, "The engine's options (vllm: gpu_memory_utilization, max_model_len, ...).")
     # --- optimization
-    learning_rate: float = _f(1e-4, "AdamW learning rate (peak, after warm-up).")
+    learning_rate: float | None = _f(None, "AdamW learning rate (peak, after warm-up); null: the algorithm's "
+                                           "measured default (1e-4 for the reward-driven ones, lower for EM).")
     lr_schedule: str = _f("constant", "After warm-up: 'constant', 'cosine' or 'linear' decay to 0 at max_steps.")
     warmup_steps: int = _f(0, "Linear learning-rate warm-up steps.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -69,13 +71,14 @@ class TrainConfig:
     max_steps: int = _f(200, "Training steps (one rollout batch each).")
     # --- evaluation and logging
     eval_every: int = _f(50, "Evaluate on held-out prompts every N steps (0: only before and after training).")
+    eval_at_start: bool = _f(True, "Evaluate before the first step (false: skip it, e.g. when runs share one base evaluation).")
     eval_samples: int = _f(4, "Sampled completions per held-out prompt (plus one greedy).")
     log_every: int = _f(10, "Print a metrics line every N steps (the JSONL log gets every step).")
     plot: bool = _f(True, "Write reward and entropy over steps to OUTPUT_DIR/metrics.png at the end.")
     # --- checkpoints
     output_dir: str | None = _f(None, "Where logs and checkpoints go; null: runs/<algo>-<date>-<time>.")
     save_every: int = _f(100, "Save a checkpoint every N steps (0: only at the end and on Ctrl-C).")
-    keep_checkpoints: int = _f(2, "Checkpoints kept on disk (the oldest are deleted).")
+    keep_checkpoints: int = _f(2, "Checkpoints of this run kept on disk (its oldest are deleted; never another run's).")
     resume: bool = _f(False, "Continue from the last checkpoint in output_dir.")
     overwrite: bool = _f(False, "Start afresh in an output_dir that holds a run: the old run is moved into "
                                 "output_dir/previous-<time>/ (nothing is deleted).")
@@ -157,6 +160,10 @@ class TrainConfig:
         _at_least(self, group_size=2, num_prompts=1, max_new_tokens=1, num_iterations=1, micro_batch_size=1,
                   arithmetic_digits=1, num_eval_prompts=1, eval_samples=1, log_every=1, keep_checkpoints=1,
                   max_steps=0, eval_every=0, save_every=0, warmup_steps=0, top_k=0, torch_threads=0)
+        if self.learning_rate is None:
+            from .algorithms import algorithm_class
+
+            self.learning_rate = algorithm_class(self.algo).default_learning_rate
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
@@ -222,8 +229,10 @@ class TrainConfig:
             raise ValueError(f"loss: {e}") from None
 
     def _validate_paths(self) -> None:
-        if self.dataset != "arithmetic" and not os.path.isfile(self.dataset):
-            raise ValueError(f"dataset must be 'arithmetic' or an existing JSONL file, got {self.dataset!r}")
+        from .tasks import TASKS
+
+        if self.dataset not in TASKS and not os.path.isfile(self.dataset):
+            raise ValueError(f"dataset must be 'arithmetic', 'addition' or an existing JSONL file, got {self.dataset!r}")
         if self.eval_dataset is not None and not os.path.isfile(self.eval_dataset):
             raise ValueError(f"eval_dataset {self.eval_dataset!r} does not exist")
         from .model import check_model_reference

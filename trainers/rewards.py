@@ -10,8 +10,9 @@ Functions take what they need by keyword and ignore the rest (``**_``).
 
 Built-ins (``REWARDS``): ``correctness`` (1 when the completion's final answer
 equals the reference, checked with math-verify), ``format`` (1 when the
-completion has a final answer in the expected format) and ``length`` (DAPO's
-soft over-length penalty, in ``[-1, 0]``). ``"package.module:attribute"``
+completion has a final answer in the expected format), ``length`` (DAPO's
+soft over-length penalty, in ``[-1, 0]``) and ``scratchpad`` (1 when an addition
+trace is arithmetically consistent, any summation order). ``"package.module:attribute"``
 names any other function.
 """
 from __future__ import annotations
@@ -166,7 +167,21 @@ class LengthPenalty:
         return [-min(1.0, max(0.0, (n - start) / self.buffer)) for n in lengths]
 
 
-REWARDS = {"correctness": MathCorrectness, "format": FormatReward, "length": LengthPenalty}
+class ScratchpadReward:
+    """1.0 when an addition completion's scratchpad is consistent (``tasks.scratchpad_consistent``:
+    right arithmetic at every step, the prompt's operands in any order, the boxed answer = the last sum)."""
+
+    def __init__(self, answer_format: str = "boxed") -> None:
+        del answer_format  # the scratchpad's own format
+
+    def __call__(self, prompts, completions, **_):
+        from .tasks import scratchpad_consistent
+
+        return [float(scratchpad_consistent(p, c)) for p, c in zip(prompts, completions)]
+
+
+REWARDS = {"correctness": MathCorrectness, "format": FormatReward, "length": LengthPenalty,
+           "scratchpad": ScratchpadReward}
 
 
 class CombinedReward:

@@ -53,6 +53,16 @@ class Algorithm:
     uses_rewards: ClassVar[bool] = True  # False: the reward functions are not needed (EM-FT, EM-RL)
     # PolicyLossConfig fields the algorithm sets on top of its preset (the user's `loss:` keys still win).
     loss_overrides: ClassVar[dict[str, Any]] = {}
+    # The learning rate used when the config leaves `learning_rate` unset (null).
+    default_learning_rate: ClassVar[float] = 1e-4
+    # How the trainer weights micro-batches of a custom loss: "token" (the loss is a token mean)
+    # or "sequence" (the loss is a mean over responses).
+    loss_aggregation: ClassVar[str] = "token"
+
+    @property
+    def has_custom_loss(self) -> bool:
+        """True when :meth:`loss` replaces the clipped policy loss (the trainer then calls it)."""
+        return type(self).loss is not Algorithm.loss
 
     @property
     def needs_reference(self) -> bool:
@@ -67,12 +77,18 @@ class Algorithm:
         """Return advantages ``[B]`` (broadcast to every token) or ``[B, T]`` (per token)."""
         raise NotImplementedError
 
+    def step_metrics(self, batch: RolloutBatch, advantages: torch.Tensor) -> dict[str, float]:
+        """Per-step diagnostics of the algorithm's mechanism (logged by the trainer); none by default."""
+        return {}
+
     def loss(self, logp: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor,
-             ref_logprobs: torch.Tensor | None = None):
+             ref_logprobs: torch.Tensor | None = None, *, advantages: torch.Tensor | None = None,
+             old_logprobs: torch.Tensor | None = None):
         """A custom training loss, or ``None`` to train with the clipped policy loss (the default).
 
         ``logp``, ``entropy``: ``[b, T]`` fp32 with grad for one micro-batch (from the fused op);
-        ``mask`` its ``[b, T]`` bool; ``ref_logprobs`` ``[b, T]`` when a reference model is loaded.
+        ``mask`` its ``[b, T]`` bool; ``ref_logprobs`` ``[b, T]`` when a reference model is loaded;
+        ``advantages`` (``[b]`` or ``[b, T]``) and ``old_logprobs`` ``[b, T]`` of the micro-batch.
         Returns ``(loss, metrics: dict[str, float | Tensor])`` when overridden.
         """
         return None

@@ -4,15 +4,18 @@ Neither uses a reward function (``uses_rewards = False``): the only signal is
 the model's own entropy on outputs it sampled itself.
 
 **EM-FT** trains directly on the token entropy of the sampled outputs (paper:
-one sample per prompt, ~40 steps with early stopping)::
+one sample per prompt, ~40 steps with early stopping): the per-response mean
+of the token entropies, averaged over the responses (``n`` responses with at
+least one valid token, ``L_i`` valid tokens of response ``i``)::
 
-    L = sum_{i,t} m_{i,t} H_{i,t} / sum_{i,t} m_{i,t}                       token mean over the micro-batch
-      + kl_coef * sum_{i,t} m_{i,t} k3_{i,t} / sum_{i,t} m_{i,t}             optional, needs a reference model
+    L = (1/n) sum_i (1/L_i) sum_t m_{i,t} H_{i,t}
+      + kl_coef * (1/n) sum_i (1/L_i) sum_t m_{i,t} k3_{i,t}                optional, needs a reference model
     k3_{i,t} = exp(d) - d - 1,  d = logp_ref - logp  (capped at 20)         (>= 0, "k3" estimator)
 
 ``H`` and ``logp`` are the fused op's outputs *with* gradient
-(``dL/dz_i = -p_i (log p_i + H) / N`` per token from the entropy term, through
-the op's backward). ``k3`` on the sampled tokens estimates ``KL(pi || pi_ref)``
+(``dL/dz_j = -p_j (log p_j + H) / (n L_i)`` per token of response ``i`` from the
+entropy term, through the op's backward). The trainer weights micro-batches by
+their share of the responses (``loss_aggregation = "sequence"``). ``k3`` on the sampled tokens estimates ``KL(pi || pi_ref)``
 without bias when the tokens are drawn from ``pi``, which holds on the first
 update of each rollout batch (the sampler is the current policy); it is a
 non-negative per-token estimate in any case.
@@ -21,12 +24,17 @@ non-negative per-token estimate in any case.
 each sample, with the RLOO baseline (paper: N = 4 samples, PPO clip 0.2, KL
 0.001, lr 1e-6)::
 
-    sequence estimator:  r_i = reduce_t logp_old(y_{i,t})      (reduce = mean, default; or sum: the paper's form)
-    token estimator:     r_i = -reduce_t H_old_{i,t}
+    sequence estimator:  r_i = sum_t logp_old(y_{i,t})        (the paper's negative trajectory entropy; default)
+    token estimator:     r_i = -sum_t H_old_{i,t}
     A_i = r_i - mean_{j != i} r_j                              leave-one-out, broadcast to tokens
 
-The default reduction is the mean (the public code): the sum ranks responses by
-length as much as by confidence (a shorter answer has fewer negative terms).
+``reduction="mean"`` divides both by the response length instead (an option:
+the official repository has no EM-RL code). The sum ranks responses by length
+as well as by confidence (a shorter answer has fewer negative terms).
+
+Default learning rates (``default_learning_rate``, used when the config leaves
+``learning_rate`` unset): chosen on the embedded task as the largest rate of a
+short sweep at which held-out accuracy did not collapse (``docs/algorithms.md``).
 """
 from __future__ import annotations
 
@@ -41,6 +49,8 @@ from ._checks import check_mask, check_number, check_tokens
 from .base import Algorithm, RolloutBatch
 
 ESTIMATORS = ("sequence", "token")
+EM_FT_LR = 1e-5  # measured defaults, see the module docstring
+EM_RL_LR = 1e-5
 REDUCTIONS = ("mean", "sum")
 
 
@@ -51,9 +61,18 @@ def k3_kl(logp: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio) - log_ratio - 1.0
 
 
+def _response_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(1/n) sum_i (1/L_i) sum_t m x`` over the ``n`` rows with a valid token (0 when none)."""
+    lengths = mask.sum(1)
+    rows = lengths > 0
+    per_row = torch.where(mask, x, 0.0).sum(1) / lengths.clamp_min(1).to(x.dtype)
+    return torch.where(rows, per_row, 0.0).sum() / rows.sum().clamp_min(1).to(x.dtype)
+
+
 def em_ft_loss(entropy: torch.Tensor, mask: torch.Tensor, *, logp: torch.Tensor | None = None,
                ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0):
-    """EM-FT loss of one micro-batch: token-mean entropy (+ ``kl_coef`` * token-mean k3 KL).
+    """EM-FT loss of one micro-batch: per-response mean entropy averaged over responses
+    (+ ``kl_coef`` * the same mean of the k3 KL).
 
     Args:
         entropy: ``[b, T]`` fp32 per-token entropy *with* gradient (the fused op's output).
@@ -68,8 +87,7 @@ def em_ft_loss(entropy: torch.Tensor, mask: torch.Tensor, *, logp: torch.Tensor 
     check_mask(mask)
     check_tokens("entropy", entropy, mask)
     kl_coef = check_number("kl_coef", kl_coef, low=0.0)
-    count = mask.sum().clamp_min(1).to(entropy.dtype)
-    mean_entropy = torch.where(mask, entropy, 0.0).sum() / count
+    mean_entropy = _response_mean(entropy, mask)
     loss = mean_entropy
     metrics: dict[str, Any] = {"entropy": mean_entropy.detach()}
     if kl_coef > 0.0:
@@ -77,14 +95,14 @@ def em_ft_loss(entropy: torch.Tensor, mask: torch.Tensor, *, logp: torch.Tensor 
             raise ValueError("kl_coef > 0 needs logp and ref_logprobs (load a reference model)")
         check_tokens("logp", logp, mask)
         check_tokens("ref_logprobs", ref_logprobs, mask)
-        kl = torch.where(mask, k3_kl(logp, ref_logprobs.to(logp.dtype)), 0.0).sum() / count
+        kl = _response_mean(k3_kl(logp, ref_logprobs.to(logp.dtype)), mask)
         loss = loss + kl_coef * kl
         metrics["kl"] = kl.detach()
     return loss, metrics
 
 
 def em_rl_rewards(logprobs: torch.Tensor, entropy: torch.Tensor | None, mask: torch.Tensor, *,
-                  estimator: str = "sequence", reduction: str = "mean") -> torch.Tensor:
+                  estimator: str = "sequence", reduction: str = "sum") -> torch.Tensor:
     """EM-RL rewards ``[B]`` (fp32; fp64 for fp64 inputs): ``reduce_t logp_old`` or ``-reduce_t H_old``.
 
     ``logprobs`` / ``entropy`` ``[B, T]`` of the rollout policy (``entropy`` is needed only by the
@@ -105,7 +123,7 @@ def em_rl_rewards(logprobs: torch.Tensor, entropy: torch.Tensor | None, mask: to
 
 
 def em_rl_advantages(logprobs: torch.Tensor, entropy: torch.Tensor | None, mask: torch.Tensor,
-                     group_size: int, *, estimator: str = "sequence", reduction: str = "mean") -> torch.Tensor:
+                     group_size: int, *, estimator: str = "sequence", reduction: str = "sum") -> torch.Tensor:
     """EM-RL advantages ``[B]`` fp32: :func:`em_rl_rewards` minus the leave-one-out group mean
     (``entropy_ops.trainers.advantages.rloo_advantages``; needs ``group_size >= 2``)."""
     rewards = em_rl_rewards(logprobs, entropy, mask, estimator=estimator, reduction=reduction)
@@ -122,6 +140,8 @@ class EMFT(Algorithm):
     name = "em-ft"
     loss_preset = "grpo"  # unused: the custom loss replaces the policy loss
     uses_rewards = False
+    loss_aggregation = "sequence"
+    default_learning_rate = EM_FT_LR
 
     def __init__(self, *, kl_coef: float = 0.0, **unknown) -> None:
         super().__init__(**unknown)
@@ -136,14 +156,14 @@ class EMFT(Algorithm):
         return torch.zeros(batch.completion_mask.shape[0], dtype=torch.float32,
                            device=batch.completion_mask.device)
 
-    def loss(self, logp, entropy, mask, ref_logprobs=None):
+    def loss(self, logp, entropy, mask, ref_logprobs=None, **_):
         return em_ft_loss(entropy, mask, logp=logp, ref_logprobs=ref_logprobs, kl_coef=self.kl_coef)
 
 
 class EMRL(Algorithm):
     """EM-RL: negative entropy as the only reward, RLOO baseline (:func:`em_rl_advantages`).
 
-    Options: ``estimator`` ("sequence" | "token"), ``reduction`` ("mean" | "sum").
+    Options: ``estimator`` ("sequence" | "token"), ``reduction`` ("sum", default | "mean").
     ``loss_overrides`` are the paper's PPO settings for ``PolicyLossConfig.preset``.
     """
 
@@ -151,8 +171,9 @@ class EMRL(Algorithm):
     loss_preset = "grpo"
     loss_overrides: ClassVar[dict[str, float]] = {"eps_low": 0.2, "eps_high": 0.2, "beta": 0.001}
     uses_rewards = False
+    default_learning_rate = EM_RL_LR
 
-    def __init__(self, *, estimator: str = "sequence", reduction: str = "mean", **unknown) -> None:
+    def __init__(self, *, estimator: str = "sequence", reduction: str = "sum", **unknown) -> None:
         super().__init__(**unknown)
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
