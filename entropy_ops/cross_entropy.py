@@ -22,7 +22,7 @@ gradient is exact: the op's backward gives ``-2 z lse (1[v=y] - p_v)``, the ``s_
 ``+2 z lse 1[v=y]``, summing to ``2 z lse p_v = d(z lse^2)/ds_v``.
 
 Masking and reduction as ``torch.nn.functional.cross_entropy`` (no class weights): a target equal
-to ``ignore_index`` contributes 0 and no gradient; ``"mean"`` divides the sum by the number of
+to ``ignore_index`` (any int, a class id too) contributes 0 and no gradient; ``"mean"`` divides the sum by the number of
 non-ignored targets (NaN when there are none, as in PyTorch), ``"sum"`` adds, ``"none"`` returns
 the per-token loss. The loss is fp32 (fp64 for fp64 inputs on the CPU path) whatever the input
 dtype.
@@ -35,6 +35,10 @@ from ._validation import check_softcap, check_temperature
 from .linear_ops import linear_logprobs_and_entropy
 
 REDUCTIONS = ("mean", "sum", "none")
+# The fused op wants ignore_index outside [0, V); an ignore_index inside it (PyTorch allows one, e.g.
+# a padding id) is mapped to this value first. Never a valid id, and not -100, so that a stray -100
+# target is still reported as out of range rather than silently ignored.
+_IGNORED = -(2**62)
 
 
 def _check_coefficient(name: str, value, upper: float | None = None) -> float:
@@ -122,6 +126,10 @@ def linear_cross_entropy(
     if label_smoothing and logit_softcap is not None:
         raise ValueError("label_smoothing with logit_softcap is not supported: the smoothing term needs the mean "
                          "of the soft-capped logits over the vocabulary, which the fused op does not compute")
+    if (isinstance(ignore_index, int) and not isinstance(ignore_index, bool) and isinstance(weight, torch.Tensor)
+            and weight.dim() == 2 and 0 <= ignore_index < weight.shape[0] and isinstance(targets, torch.Tensor)):
+        targets = torch.where(targets == ignore_index, _IGNORED, targets)
+        ignore_index = _IGNORED
     logp, _ = linear_logprobs_and_entropy(hidden, weight, targets, bias=bias, temperature=temperature,
                                           ignore_index=ignore_index, return_entropy=False,
                                           logit_softcap=logit_softcap, allow_tf32=allow_tf32, backend=backend)
