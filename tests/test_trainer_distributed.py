@@ -25,7 +25,8 @@ from entropy_ops.trainers.distributed import DistContext, _buckets, shard_rows
 from entropy_ops.trainers.grpo_trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE = dict(num_prompts=4, group_size=2, max_new_tokens=6, micro_batch_size=3, num_eval_prompts=4, eval_samples=1,
+# Pinned explicitly (not the defaults, which change with the task): the embedded tiny model, the arithmetic task.
+BASE = dict(model="tiny-arith", dataset="arithmetic", arithmetic_digits=2, num_prompts=4, group_size=2, max_new_tokens=6, micro_batch_size=3, num_eval_prompts=4, eval_samples=1,
             eval_every=0, save_every=0, learning_rate=1e-3, seed=5, device="cpu", plot=False)
 
 
@@ -53,6 +54,7 @@ def test_torchrun_two_processes_two_steps(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "entropy_ops.trainers", "train", "--max-steps", "2", "--output-dir", str(out),
+           "--model=tiny-arith", "--dataset=arithmetic", "--arithmetic_digits=2", "--learning_rate=1e-4",
            "--num_prompts=4", "--group_size=4", "--max_new_tokens=6", "--num_eval_prompts=4", "--eval_samples=1",
            "--eval_every=0", "--plot=false", "--device=cpu"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=600)
@@ -139,9 +141,23 @@ def test_two_rank_update_equals_single_process(tmp_path, algo, empty_rank):
     for name, ref in ref_params.items():
         p0, p1 = per_rank[0][1][name], per_rank[1][1][name]
         assert torch.equal(p0, p1), name
-        # AdamW's first step is about lr * g / (|g| + eps): where |g| ~ eps = 1e-8, the 1e-5-relative
-        # gradient differences above move a parameter by a visible fraction of lr (1e-3), hence 1% of lr.
-        torch.testing.assert_close(p0, ref, rtol=0, atol=1e-2 * BASE["learning_rate"])
+        assert_adamw_close(p0, ref, [ref_grads[name]], BASE["learning_rate"], name)
+
+
+def assert_adamw_close(param, ref, ref_grads, lr, name):
+    """``param`` vs ``ref`` after ``len(ref_grads)`` AdamW steps whose gradients agree to 1e-5 of each tensor's largest.
+
+    AdamW moves an element by about ``lr * g / (|g| + eps)`` per step. Where every step's reference
+    gradient is at least 1e-3 of the tensor's largest, the gradient difference is at most 1% of ``g``
+    and ``|g| >> eps``, so the steps agree to 1% of ``lr``. Elsewhere ``g`` is within the float32 noise
+    of summing the batch in another order (e.g. the key-projection bias, whose exact gradient is 0), and
+    its sign is noise too: there only AdamW's bound of about ``lr`` per step holds.
+    """
+    well_defined = torch.ones_like(ref, dtype=torch.bool)
+    for g in ref_grads:
+        well_defined &= g.abs() >= 1e-3 * g.abs().max()
+    torch.testing.assert_close(param[well_defined], ref[well_defined], rtol=0, atol=1e-2 * lr, msg=name)
+    assert float((param - ref).abs().max()) <= 2.0 * lr * len(ref_grads), name
 
 
 # ---------------------------------------------------------------- helpers
