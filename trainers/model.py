@@ -3,8 +3,9 @@
 The trainer never asks the model for logits: it runs the *body*
 (``model.get_decoder()``, e.g. ``Qwen2Model``, whose output already went through
 the final norm) to get the last hidden states, keeps only the completion
-positions, and hands them with ``lm_head.weight`` to the fused op, which
-streams the vocabulary without materializing ``[N, V]``.
+positions, and hands them with the output head (:func:`lm_head_of`, i.e.
+``entropy_ops.output_head.output_head``: weight, bias, logit scale, soft-cap)
+to the fused op, which streams the vocabulary without materializing ``[N, V]``.
 """
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import importlib.util
 import json
 import os
 import re
-from dataclasses import dataclass
 from importlib import resources
 
 import torch
+
+from entropy_ops.output_head import OutputHead, output_head
 
 from .config import TINY_MODEL
 
@@ -122,32 +124,15 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-@dataclass
-class LMHead:
-    """What the fused op needs from the output layer: ``logits = scale * (h @ weight.T + bias)``, then softcap."""
+def lm_head_of(model) -> OutputHead:
+    """The model's output head (weight, bias, logit scale, final soft-cap): the project's one reader of
+    output heads, :func:`entropy_ops.output_head.output_head` (generic over Hugging Face families).
 
-    weight: torch.Tensor  # [V, D]
-    bias: torch.Tensor | None
-    logit_scale: float = 1.0  # Cohere's logit_scale, 1 / Granite's logits_scaling
-    logit_softcap: float | None = None  # Gemma 2's final_logit_softcapping
-
-    def op_temperature(self, temperature: float) -> float:
-        """The fused op's temperature that includes the logit scale: ``(scale * z) / t = z / (t / scale)``."""
-        return temperature / self.logit_scale
-
-
-def lm_head_of(model) -> LMHead:
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise TypeError(f"the model's output layer must be an nn.Linear, got {type(head).__name__}")
-    cfg = model.config
-    scale = float(getattr(cfg, "logit_scale", None) or 1.0)
-    if getattr(cfg, "logits_scaling", None):
-        scale /= float(cfg.logits_scaling)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    if softcap is not None and scale != 1.0:
-        raise NotImplementedError("a model with both a logit scale and a final softcap is not supported")
-    return LMHead(head.weight, head.bias, scale, softcap)
+    The trainer uses ``.weight``, ``.bias``, ``.logit_softcap`` and ``.op_temperature(t)`` (the
+    logit scale folded into the temperature). Raises ``TypeError`` / ``ValueError`` naming the family
+    for a head the fused op cannot reproduce.
+    """
+    return output_head(model)
 
 
 def completion_hidden(model, input_ids, attention_mask, position_ids, prompt_len: int) -> torch.Tensor:
