@@ -1,7 +1,8 @@
 """Data-parallel training (trainers/distributed.py) on CPU with the gloo backend, 2 processes.
 
 - the user's path: ``torchrun --standalone --nproc_per_node 2 -m entropy_ops.trainers train`` for two
-  steps: exit 0, rank 0 alone logs and checkpoints (with both ranks' random states), replicas identical;
+  steps, with ``--parallelism=ddp`` and ``--parallelism=fsdp``: exit 0, rank 0 alone logs and checkpoints
+  (with both ranks' random states), DDP's replicas identical, FSDP's steps equal to DDP's;
 - the math: a fixed rollout batch split by prompt group over 2 ranks gives, after ``Trainer.update``,
   the same gradients and parameters on each rank as one process updating on the whole batch (token-mean
   and per-response aggregations, micro-batches that do not divide the shards), and a rank left without
@@ -50,27 +51,41 @@ def _clean_env() -> dict:
     return env
 
 
-def test_torchrun_two_processes_two_steps(tmp_path):
-    out = tmp_path / "run"
+def _torchrun_train(out, parallelism: str):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "entropy_ops.trainers", "train", "--max-steps", "2", "--output-dir", str(out),
            "--model=tiny-arith", "--dataset=arithmetic", "--arithmetic_digits=2", "--learning_rate=1e-4",
            "--num_prompts=4", "--group_size=4", "--max_new_tokens=6", "--num_eval_prompts=4", "--eval_samples=1",
-           "--eval_every=0", "--plot=false", "--device=cpu"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=600)
+           "--eval_every=0", "--plot=false", "--device=cpu", f"--parallelism={parallelism}"]
+    proc = subprocess.run(cmd, cwd=out.parent, env=_clean_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "data parallel: 2 processes, replicas identical: True" in proc.stdout
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     train = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train] == [1, 2]  # one line per step: rank 0 alone logs
     for r in train:
         assert 0.0 <= r["reward/mean"] <= 1.0 and r["entropy"] > 0 and torch.isfinite(torch.tensor(r["loss/loss"]))
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 2]
     summary = json.load(open(out / "summary.json"))
-    assert summary["world_size"] == 2 and summary["replica_max_abs_diff"] == 0.0
+    assert summary["world_size"] == 2
     (step, path), = list_checkpoints(str(out))
     state = load_state(path)
     assert step == 2 and len(state["rng_ranks"]) == 2
     assert not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])  # rank streams differ
+    return proc.stdout, train, summary
+
+
+def test_torchrun_two_processes_two_steps_ddp_and_fsdp(tmp_path):
+    """The user's command under both parallelisms; FSDP's steps are DDP's (same samples, loss, gradient norm)."""
+    stdout, ddp, summary = _torchrun_train(tmp_path / "ddp", "ddp")
+    assert "data parallel: 2 processes, replicas identical: True" in stdout
+    assert summary["replica_max_abs_diff"] == 0.0
+    stdout, fsdp, _ = _torchrun_train(tmp_path / "fsdp", "fsdp")
+    assert "fully sharded (FSDP2): 2 processes" in stdout
+    for a, b in zip(ddp, fsdp):
+        for key in ("reward/mean", "completion_length/mean"):
+            assert a[key] == b[key], key  # the same completions were sampled
+        for key in ("loss/loss", "entropy", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
 
 
 # ---------------------------------------------------------------- gradient equivalence

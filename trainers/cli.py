@@ -161,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         elif ev:
             shown = {k: round(v, 4) for k, v in ev.items() if k.startswith("eval/") and "correct" in k or k == "step"}
             print(f"held-out {label}: {shown}")
-    if "world_size" in summary:
+    if "world_size" in summary and trainer.fsdp is not None:
+        print(f"fully sharded (FSDP2): {summary['world_size']} processes, each holding 1/{summary['world_size']} "
+              "of the parameters, gradients and optimizer state")
+    elif "world_size" in summary:
         print(f"data parallel: {summary['world_size']} processes, replicas identical: "
               f"{summary['replica_max_abs_diff'] == 0.0} (max |difference| {summary['replica_max_abs_diff']:.3g})")
     print(f"run directory: {summary['output_dir']}  ({summary['steps']} steps, {summary['wall_s']} s)")
