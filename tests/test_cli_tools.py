@@ -1,7 +1,8 @@
 """``entropy-ops compare`` (trainers/compare.py) and ``entropy-ops generate`` (trainers/generate.py).
 
-- compare: two algorithms, one step each, run as separate processes; table, JSON and plot written; the
-  summaries of a hand-written metrics log; unknown algorithm refused;
+- compare: two algorithms (and the base model's evaluation), one step each, run as separate processes;
+  table, JSON and plot written; a second call reuses the finished runs; the statistics of hand-written
+  logs over two seeds (a superseded evaluation does not count); unknown algorithm refused;
 - generate: EM-INF through the CLI on the embedded model (``--compare`` writes both decodings; with
   ``--greedy`` EM-INF changes no completion, since it never moves the argmax); the prompt file formats;
   bad arguments refused with the argument's name.
@@ -11,7 +12,7 @@ import json
 import pytest
 import torch
 
-from entropy_ops.trainers import compare, generate
+from entropy_ops.trainers import compare, compare_report, generate
 from entropy_ops.trainers.cli import main as cli_main
 
 SMALL = ["--num_prompts=2", "--group_size=2", "--max_new_tokens=6", "--num_eval_prompts=4", "--eval_samples=1",
@@ -27,45 +28,50 @@ def restore_torch_threads():
 
 def test_compare_runs_each_algorithm_and_reports(tmp_path, capsys):
     out = tmp_path / "cmp"
-    rc = cli_main(["compare", "--algos", "grpo,em-rl", "--max-steps", "1", "--jobs", "2", "--output-dir", str(out),
-                   *SMALL])
-    assert rc == 0
+    argv = ["compare", "--algos", "grpo,em-rl", "--max-steps", "1", "--jobs", "2", "--output-dir", str(out), *SMALL]
+    assert cli_main(argv) == 0
     table = (out / "comparison.md").read_text()
-    assert table.count("\n| grpo |") == 1 and table.count("\n| em-rl |") == 1
+    assert "| base model |" in table and "\n| grpo |" in table and "\n| em-rl |" in table
     data = json.loads((out / "comparison.json").read_text())
     assert data["meta"]["max_steps"] == 1 and data["meta"]["overrides"] == SMALL
+    for name in ("base", "grpo", "em-rl"):
+        assert data["runs"][f"{name}/seed0"]["returncode"] == 0
     for algo in ("grpo", "em-rl"):
-        assert data["runs"][algo]["returncode"] == 0
-        s = data["summaries"][algo]
-        assert s["steps"] == 1 and 0.0 <= s["reward/mean last"] <= 1.0 and s["entropy last"] > 0
-        assert s["eval/greedy_correct first"] is not None and s["eval/greedy_correct last"] is not None
-        config = (out / algo / "config.yaml").read_text()
+        assert data["result"]["algos"][algo]["seeds_done"] == [0]
+        assert 0.0 <= data["result"]["algos"][algo]["metrics"]["eval/greedy_correct"]["mean"] <= 1.0
+        config = (out / algo / "seed0" / "config.yaml").read_text()
         assert f"algo: {algo}" in config and "seed: 0" in config
     assert (out / "comparison.png").stat().st_size > 10_000
     assert "comparison.png" in capsys.readouterr().out
+    # Run again into the same folder: the finished runs are reused, none is refused or overwritten.
+    logs = {p.name: p.read_text() for p in (out / "grpo" / "seed0").glob("metrics.jsonl")}
+    assert cli_main(argv) == 0
+    data = json.loads((out / "comparison.json").read_text())
+    assert all(r.get("reused") for r in data["runs"].values())
+    assert {p.name: p.read_text() for p in (out / "grpo" / "seed0").glob("metrics.jsonl")} == logs
 
 
-def test_summarize_hand_written_log(tmp_path):
-    run = tmp_path / "algo"
-    run.mkdir()
-    rows = [{"step": 0, "kind": "eval", "eval/greedy_correct": 0.5, "eval/sampled_correct": 0.25,
-             "eval/entropy": 0.4}]
-    rows += [{"step": s, "kind": "train", "reward/mean": s / 10, "entropy": 1.0 / s, "completion_length/mean": 4.0}
-             for s in range(1, 7)]
-    rows += [{"step": 3, "kind": "train", "reward/mean": 0.0, "skipped": 1.0}]  # no entropy: skipped step, ignored
-    rows += [{"step": 6, "kind": "eval", "eval/greedy_correct": 0.75, "eval/sampled_correct": 0.5,
-              "eval/entropy": 0.2}]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    s = compare.summarize(str(run), window=2)
-    assert s["steps"] == 6
-    assert s["reward/mean first"] == pytest.approx((0.1 + 0.2) / 2)
-    assert s["reward/mean last"] == pytest.approx((0.5 + 0.6) / 2)
-    assert s["entropy last"] == pytest.approx((1 / 5 + 1 / 6) / 2)
-    assert (s["eval/greedy_correct first"], s["eval/greedy_correct last"]) == (0.5, 0.75)
-    table = compare.markdown_table({"algo": s, "missing": None}, {"algo": {"wall_s": 12.4}}, window=2)
-    assert "| algo | 0.500 -> 0.750 | 0.250 -> 0.500 | 0.400 -> 0.200 | 0.150 -> 0.550 |" in table
-    assert "| 12 s |" in table and "| missing | no log |" in table
-    assert compare.summarize(str(tmp_path / "nothing")) is None
+def test_report_statistics_of_hand_written_logs(tmp_path):
+    """Mean and paired gain over two seeds; an evaluation superseded by a resume does not count."""
+    def write(name, seed, rows):
+        rdir = tmp_path / name / f"seed{seed}"
+        rdir.mkdir(parents=True)
+        (rdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    for seed, (base_acc, grpo_acc) in enumerate([(0.5, 0.75), (0.25, 0.75)]):
+        write("base", seed, [{"step": 0, "kind": "eval", "eval/greedy_correct": base_acc}])
+        write("grpo", seed, [{"step": 1, "kind": "train", "reward/mean": 0.5},
+                             {"step": 2, "kind": "eval", "eval/greedy_correct": 0.0},  # logged after the checkpoint
+                             {"step": 1, "kind": "resume", "checkpoint": "checkpoint-000001"},
+                             {"step": 2, "kind": "train", "reward/mean": 0.6},
+                             {"step": 2, "kind": "eval", "eval/greedy_correct": grpo_acc}])
+    result = compare_report.collect(str(tmp_path), ["grpo"], [0, 1], "grpo")
+    grpo = result["algos"]["grpo"]
+    assert grpo["metrics"]["eval/greedy_correct"]["mean"] == pytest.approx(0.75)
+    gain = grpo["gain"]["eval/greedy_correct"]
+    assert gain["mean"] == pytest.approx(0.375) and gain["values"] == pytest.approx([0.25, 0.5])
+    assert gain["half"] == pytest.approx(12.706 * (0.25 / 2 ** 0.5) / 2 ** 0.5)  # t(0.975, 1) * sd / sqrt(n)
+    assert [r["reward/mean"] for r in compare_report.train_rows(str(tmp_path / "grpo" / "seed0"))] == [0.5, 0.6]
 
 
 def test_compare_refuses_unknown_algorithm(tmp_path, capsys):

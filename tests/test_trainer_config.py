@@ -70,7 +70,7 @@ def test_bad_keys_and_types(values, exc, match):
     ({"model": "/nonexistent/model-dir"}, "model path '/nonexistent/model-dir' does not exist"),
     ({"model": "./missing"}, "does not exist"),
     ({"ref_model": "/nonexistent/ref"}, "ref_model"),
-    ({"dataset": "/nonexistent/data.jsonl"}, "dataset must be 'arithmetic' or an existing JSONL file"),
+    ({"dataset": "/nonexistent/data.jsonl"}, "dataset must be .* or an existing JSONL file"),
     ({"algo": "ppo"}, "algo: unknown algorithm 'ppo'"),
     ({"algo_options": {"alpha": 1}}, "algo_options: unknown key"),
     ({"rewards": {"corectness": 1.0}}, "unknown reward 'corectness'"),
