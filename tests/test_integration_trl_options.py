@@ -4,6 +4,7 @@ vLLM cannot run here, so the batch carries the sampler's log-probs and TRL's rat
 ``_compute_loss``, and one test drives TRL's own scoring with a stand-in generator), bias-corrected KL,
 entropy bonus (static and adaptive), off-policy mask, cispo / sapo / vespo, sequence ratio with the entropy
 mask; the fallbacks; validation before ``GRPOTrainer.__init__``; the per-token formulas against TRL's."""
+import copy
 import warnings
 
 import pytest
@@ -186,19 +187,24 @@ def test_zero3_falls_back_to_trl(setup, monkeypatch):
     assert torch.equal(our_loss, ref_loss) and torch.equal(our_grads["lm_head"], ref_grads["lm_head"])
 
 
-def test_inexpressible_output_layer_falls_back_to_trl(setup, monkeypatch):
+class ShiftedHead(torch.nn.Linear):
+    """An output layer that computes more than ``h W^T``: entropy-ops' fused head cannot read it from its weight."""
+
+    def forward(self, hidden):
+        return super().forward(hidden) + 0.5
+
+
+def test_inexpressible_output_layer_falls_back_to_trl(setup):
     """An output layer the fused head cannot reproduce: TRL's own head and loss, with the head's reason."""
-    from entropy_ops.integrations import hf
-
-    def refuse(model):
-        raise NotImplementedError(f"no output head for {type(model).__name__}")
-
-    monkeypatch.setattr(hf, "output_head", refuse)
-    with pytest.warns(fused_trl.FusedFallbackWarning, match="no output head for LlamaForCausalLM"):
-        ours = make_trainer(fused_trl.FusedGRPOTrainer, setup, loss_type="sapo")
-    monkeypatch.undo()
+    tokenizer, model, dataset = setup
+    model = copy.deepcopy(model)
+    head = ShiftedHead(model.lm_head.in_features, model.lm_head.out_features, bias=False)
+    head.weight = model.lm_head.weight
+    model.lm_head = head
+    with pytest.warns(fused_trl.FusedFallbackWarning, match="ShiftedHead"):
+        ours = make_trainer(fused_trl.FusedGRPOTrainer, (tokenizer, model, dataset), loss_type="sapo")
     assert ours.fused_plan.path == "trl"
-    reference = make_trainer(GRPOTrainer, setup, loss_type="sapo")
+    reference = make_trainer(GRPOTrainer, (tokenizer, model, dataset), loss_type="sapo")
     inputs = make_inputs(reference, 71)
     (ref_loss, ref_grads), (our_loss, our_grads) = loss_and_grads(reference, inputs), loss_and_grads(ours, inputs)
     assert torch.equal(our_loss, ref_loss) and torch.equal(our_grads["lm_head"], ref_grads["lm_head"])
@@ -264,3 +270,45 @@ def test_formulas_against_trl_static_methods():
             want = GRPOTrainer.get_gamma_weights(adv, 0.2 * (logp - old), mask, is_ratio, **kw)
             got = trl_losses.vespo_gamma_weights(0.2 * (logp - old), mask, adv, is_ratio, **kw)
             assert_close(got, want, 1e-6, "phi")
+
+
+# ---------------------------------------------------------------- other families (the generic output head)
+def _family_model(family):
+    import transformers
+
+    torch.manual_seed(1)
+    if family == "gpt2":  # tied embeddings, a different body layout
+        config = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                         bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    else:  # gemma2: final logit soft-cap
+        config = transformers.Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                           final_logit_softcapping=3.0, pad_token_id=0, bos_token_id=1,
+                                           eos_token_id=1, attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(10.0)
+    return model
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2"])
+def test_other_families_match_trl(setup, family):
+    tokenizer, _, dataset = setup
+    family_setup = (tokenizer, _family_model(family), dataset)
+    config = dict(loss_type="grpo", entropy_coef=0.02, top_entropy_quantile=0.7, temperature=0.8,
+                  disable_dropout=True)  # GPT-2 has dropout
+    reference = make_trainer(GRPOTrainer, family_setup, **config)
+    ours = make_trainer(fused_trl.FusedGRPOTrainer, family_setup, **config)
+    assert ours.fused_plan.path == "fused"
+    inputs = make_inputs(reference, 72)
+    losses, grads = [], []
+    for trainer in (reference, ours):
+        trainer.model.zero_grad(set_to_none=True)
+        loss = trainer._compute_loss(trainer.model, inputs)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(trainer.model.get_output_embeddings().weight.grad.clone())
+    assert_close(losses[1], losses[0], REL, "loss")
+    assert_close(grads[1], grads[0], REL, "d loss / d output layer", rowwise=True)
+    assert grads[0].abs().max() > 1e-4
+    assert_same_metrics(ours, reference)

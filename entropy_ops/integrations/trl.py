@@ -5,8 +5,10 @@ Two pieces, usable apart:
 1. :func:`add_fused_lm_head` gives a model TRL's fused-LM-head protocol (TRL >= 1.16 calls
    ``model(..., labels=labels, fused_lm_head=True)`` and reads ``.log_probs``/``.entropy``, shape
    ``[B, T - 1]``, position ``j`` predicting token ``j + 1``, 0 where the label is ``-100``) on
-   :func:`entropy_ops.integrations.hf.head_logprobs_and_entropy`: the body runs once, only the
-   labelled rows reach the vocabulary, and no logits exist. It goes through ``model.forward``, so
+   :func:`entropy_ops.output_head.head_logprobs_and_entropy`: the model's own forward runs once with
+   its output layer captured (:func:`entropy_ops.output_head.capture_head`, so any Hugging Face
+   causal LM or vision-language model whose head :func:`entropy_ops.output_head.output_head` reads),
+   only the labelled rows reach the vocabulary, and no logits exist. It goes through ``model.forward``, so
    DDP/FSDP hooks still fire. Every TRL trainer that uses the protocol (GRPO, RLOO, DPO, KTO, SFT)
    can use it; only ``log_probs`` and ``entropy`` are computed (TRL's other fields are ``None``).
 2. :class:`FusedGRPOTrainer` is ``GRPOTrainer`` with that head on the policy and the reference
@@ -31,7 +33,8 @@ from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
 from trl.trainer.utils import FusedCausalLMOutput
 
-from .hf import head_logprobs_and_entropy, model_body, output_head, scatter_rows
+from ..output_head import capture_head, head_logprobs_and_entropy, output_head
+from .hf import scatter_rows
 from .trl_compute import fused_grpo_loss
 from .trl_plan import FusedFallbackWarning, FusedGRPOPlan, head_reason, plan_fused_grpo, zero3_reason
 
@@ -49,8 +52,9 @@ def add_fused_lm_head(model, *, temperature: float = 1.0, outputs=("log_probs",)
     ``log_probs``, ``entropy`` (when in ``outputs``), ``loss = -sum(log_probs) / count``
     (or ``/ num_items_in_batch``), ``label_mask`` and, for MoE models asked for router logits,
     ``aux_loss`` (added to ``loss`` with ``router_aux_loss_coef``). Without ``fused_lm_head`` the
-    previous forward runs unchanged (generation is untouched). The model must be a family that
-    :func:`entropy_ops.integrations.hf.output_head` supports; ``temperature`` divides the logits.
+    previous forward runs unchanged (generation is untouched). The model's output layer must be one
+    :func:`entropy_ops.output_head.output_head` reads (checked here and, against the model's own
+    logit post-processing, at each fused call); ``temperature`` divides the logits.
     """
     unknown = set(outputs) - set(OUTPUT_FIELDS)
     if unknown or "log_probs" not in outputs:
@@ -71,13 +75,16 @@ def add_fused_lm_head(model, *, temperature: float = 1.0, outputs=("log_probs",)
         kwargs["use_cache"] = False
         if getattr(text_config, "output_router_logits", False):
             kwargs.setdefault("output_router_logits", True)
-        body_out = model_body(self)(*args, **kwargs)
-        hidden = body_out.last_hidden_state
+        head = output_head(self)  # looked up per call: FSDP/PEFT may have replaced the layer
+        with capture_head(self, head) as record:  # the model's own forward; its output layer is never called
+            outputs = previous_forward(*args, **kwargs)
+        record.check_transform(outputs["logits"])
+        hidden = record.hidden
         if shift_labels is None:
             hidden, labels = hidden[:, :-1], labels[:, 1:]
         else:
             labels = shift_labels
-        head = _full_head(output_head(self))  # looked up per call: FSDP/PEFT may have replaced it
+        head = _full_head(head)
         labels = labels.to(head.weight.device)
         mask = labels != -100
         logp, H = head_logprobs_and_entropy(head, hidden[mask.to(hidden.device)], labels[mask],
@@ -86,12 +93,8 @@ def add_fused_lm_head(model, *, temperature: float = 1.0, outputs=("log_probs",)
         log_probs = scatter_rows(logp, mask)
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -log_probs.sum() / count
-        aux_loss = None
-        if kwargs.get("output_router_logits"):
-            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-            aux_loss = load_balancing_loss_func(body_out.router_logits, text_config.num_experts,
-                                                text_config.num_experts_per_tok, kwargs.get("attention_mask"))
+        aux_loss = outputs.get("aux_loss") if kwargs.get("output_router_logits") else None
+        if aux_loss is not None:  # the model's own load-balancing loss (it gets no labels, so it is not in a loss)
             loss = loss + getattr(text_config, "router_aux_loss_coef", 0.0) * aux_loss
         return FusedCausalLMOutput(loss=loss, log_probs=log_probs,
                                    entropy=scatter_rows(H, mask) if want_entropy else None,

@@ -79,8 +79,10 @@ def fused_grpo_loss(trainer, model, inputs, surrogate_config):
                                             trainer.off_policy_mask_threshold)
     if entropy_mask is not None:
         factor = _times(factor, entropy_mask)
-    is_ratio = inputs.get("importance_sampling_ratio") if _vllm_is_on(trainer) else None
-    if is_ratio is not None and loss_type != "vespo":
+    if loss_type == "vespo":  # VESPO reads the ratio whenever the batch has one, into its weight
+        is_ratio = inputs.get("importance_sampling_ratio")
+    elif _vllm_is_on(trainer):
+        is_ratio = inputs["importance_sampling_ratio"]
         factor = _times(factor, is_ratio)
 
     mode = "train" if trainer.model.training else "eval"

@@ -135,7 +135,7 @@ def head_reason(model) -> str | None:
     """Why the fused head cannot reproduce ``model``'s output layer, or ``None``."""
     from accelerate.utils import is_peft_model
 
-    from .hf import output_head
+    from ..output_head import output_head
 
     try:
         output_head(model.get_base_model() if is_peft_model(model) else model)
