@@ -21,3 +21,18 @@ def as_rows3d(x: torch.Tensor) -> torch.Tensor:
         return x.view(-1, inner, last)
     except RuntimeError:
         return x.reshape(-1, inner, last)
+
+
+def may_overlap(x: torch.Tensor) -> bool:
+    """True unless ``x``'s elements provably occupy distinct memory (``expand``-ed or overlapping strides).
+
+    Sufficient test: sorted by stride, every dimension's stride must exceed the span of the smaller
+    ones (``sum (size_k - 1) stride_k``); size-1 dimensions never overlap. Metadata only, no sync.
+    """
+    dims = sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz > 1)
+    span = 0
+    for stride, size in dims:
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False

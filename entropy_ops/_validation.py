@@ -1,9 +1,54 @@
-"""Input checks shared by the public ops: every message names the argument."""
+"""Input checks shared by the public ops: every message names the argument.
+
+Two kinds of checks:
+
+- *metadata* checks (types, dtypes, shapes, devices, option values) read no tensor data and
+  always run;
+- *value* checks read tensor data (targets in ``[0, V)``, every kept row has a finite logit,
+  ``logits / temperature`` within fp32). On CUDA they synchronize with the host, which stalls
+  the stream and prevents CUDA-graph capture. The ``validate=`` argument of the ops decides
+  when they run (:func:`value_checks_enabled`):
+
+  ``validate=True``   always (on CUDA: one host synchronization per check);
+  ``validate=False``  never;
+  ``validate="auto"`` (default) on CPU tensors, where they cost no synchronization, and never
+                      on other devices. There the kernels guard instead: a target outside
+                      ``[0, V)`` (other than ``ignore_index``) is never dereferenced and its row
+                      gives NaN outputs and a NaN gradient; a kept row with no finite logit (or
+                      whose scaled logits overflow fp32) gives NaN. NaN is never silently
+                      replaced by a number, so a training loss shows it.
+"""
 import math
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+VALIDATE_CHOICES = (True, False, "auto")
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def check_validate(validate):
+    """``validate`` must be ``True``, ``False`` or ``"auto"``; returns it."""
+    if validate is True or validate is False or (isinstance(validate, str) and validate == "auto"):
+        return validate
+    raise ValueError(f"validate must be True, False or 'auto', got {validate!r}")
+
+
+def value_checks_enabled(validate, device: torch.device) -> bool:
+    """Whether the data-reading (host-synchronizing) checks run for tensors on ``device``.
+
+    ``True`` -> always, ``False`` -> never, ``"auto"`` -> only on CPU tensors (module docstring).
+    """
+    validate = check_validate(validate)
+    if validate == "auto":
+        return torch.device(device).type == "cpu"
+    return validate
+
+
+def widen_targets(targets: torch.Tensor) -> torch.Tensor:
+    """``targets`` flattened to a contiguous int64 ``[N]``: every comparison with ``ignore_index``
+    and the vocabulary happens after widening, so a narrow (e.g. ``uint8``) dtype cannot wrap."""
+    return targets.reshape(-1).to(torch.int64).contiguous()
 
 
 def check_float_tensor(name: str, x, *, min_dim: int = 1, allow_fp64: bool = True) -> None:
@@ -20,16 +65,26 @@ def check_float_tensor(name: str, x, *, min_dim: int = 1, allow_fp64: bool = Tru
 
 
 def check_temperature(temperature) -> float:
+    """A finite ``temperature > 0`` whose inverse (the kernels' scale) is a finite fp32."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     temperature = float(temperature)
     if not math.isfinite(temperature) or temperature <= 0.0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if 1.0 / temperature > _FLOAT32_MAX:
+        raise ValueError(f"temperature must be >= {1.0 / _FLOAT32_MAX:.3g} (1 / temperature must be a finite "
+                         f"float32), got {temperature}")
     return temperature
 
 
-def check_targets(targets, lead_shape: torch.Size, n_classes: int, ignore_index: int, device: torch.device) -> None:
-    """``targets`` must be an integer tensor of shape ``lead_shape`` with ids in ``[0, n_classes)`` or ``ignore_index``."""
+def check_targets(targets, lead_shape: torch.Size, n_classes: int, ignore_index: int, device: torch.device,
+                  *, validate=True) -> None:
+    """``targets`` must be an integer tensor of shape ``lead_shape`` with ids in ``[0, n_classes)`` or ``ignore_index``.
+
+    The id range is a value check (read after widening to int64, so no dtype wraps): it runs when
+    :func:`value_checks_enabled` says so for ``validate`` (default ``True``: always, as before the
+    switch existed; the ops pass their own ``validate=``).
+    """
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
@@ -40,25 +95,46 @@ def check_targets(targets, lead_shape: torch.Size, n_classes: int, ignore_index:
         raise ValueError(f"targets must be on the same device as the inputs ({device}), got {targets.device}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -(2**63) <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if 0 <= ignore_index < n_classes:
         raise ValueError(f"ignore_index must lie outside [0, {n_classes}) (the vocabulary), got {ignore_index}")
-    if targets.numel():
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= n_classes))
+    if targets.numel() and value_checks_enabled(validate, targets.device):
+        wide = targets.to(torch.int64)
+        bad = (wide != ignore_index) & ((wide < 0) | (wide >= n_classes))
         if bool(bad.any()):
-            value = int(targets[bad].flatten()[0])
+            value = int(wide[bad].flatten()[0])
             raise ValueError(
                 f"targets must be in [0, {n_classes}) or equal ignore_index={ignore_index}; found {value}"
             )
 
 
-def check_finite_rows(lse: torch.Tensor, keep: torch.Tensor, name: str) -> None:
-    """Raise when a non-ignored row had only ``-inf`` (or NaN) logits: its log-prob is undefined."""
+def check_finite_rows(lse: torch.Tensor, keep: torch.Tensor, name: str, *, rows: torch.Tensor | None = None,
+                      temperature: float | None = None) -> None:
+    """Raise when a non-ignored row had only ``-inf`` (or NaN) logits: its log-prob is undefined.
+
+    A value check (host sync on CUDA): callers run it when :func:`value_checks_enabled`. With
+    ``rows`` (the ``[..., V]`` logits, rows in the order of ``lse``) and ``temperature``, a failing
+    row whose logits are finite but overflow fp32 once divided by ``temperature`` is blamed on
+    ``temperature``.
+    """
     bad = keep & ~torch.isfinite(lse)
     if bad.numel() and bool(bad.any()):
         idx = int(bad.flatten().nonzero()[0])
+        if rows is not None and temperature is not None:
+            _check_scaled_row(rows.reshape(-1, rows.shape[-1])[idx], temperature, idx)
         raise ValueError(
             f"{name} row {idx} (flattened) has no finite logit (all -inf, or NaN) while its target is not "
             "ignored; mask that position with ignore_index"
+        )
+
+
+def _check_scaled_row(z: torch.Tensor, temperature: float, idx: int) -> None:
+    finite = z[torch.isfinite(z)].double()
+    if finite.numel() and float(finite.abs().max()) / temperature > _FLOAT32_MAX:
+        raise ValueError(
+            f"temperature={temperature} makes logits / temperature overflow float32 (row {idx} (flattened) has "
+            f"|logit| up to {float(finite.abs().max()):.4g}); use a larger temperature"
         )
 
 

@@ -91,9 +91,12 @@ def merge_stats(m1, S1, T1, m2, S2, T2) -> tuple[torch.Tensor, torch.Tensor, tor
     m = torch.maximum(m1, m2)
     m_ref = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     zero = torch.zeros_like(m)
-    a1, a2 = torch.exp(m1 - m_ref), torch.exp(m2 - m_ref)
-    shift1 = torch.where(S1 == 0, zero, m1 - m_ref)
-    shift2 = torch.where(S2 == 0, zero, m2 - m_ref)
+    # m_k - m <= 0, clamped: a partial whose max lies below m by more than fp32 holds (finite logits of
+    # both signs near the limits: the difference overflows to -inf) gets a_k = 0 and a finite shift,
+    # so a_k (T_k + shift_k S_k) is 0, not 0 * inf.
+    shift1 = torch.where(S1 == 0, zero, (m1 - m_ref).clamp_min(_NEG_CLAMP))
+    shift2 = torch.where(S2 == 0, zero, (m2 - m_ref).clamp_min(_NEG_CLAMP))
+    a1, a2 = torch.exp(shift1), torch.exp(shift2)
     S = a1 * S1 + a2 * S2
     T = a1 * (T1 + shift1 * S1) + a2 * (T2 + shift2 * S2)
     return m, S, T

@@ -22,12 +22,20 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from torch.autograd.function import once_differentiable
 
 from . import softmax_stats
 from .softmax_stats import RowStats
 from ._dispatch import resolve_backend
-from ._layout import as_rows3d
-from ._validation import check_finite_rows, check_float_tensor, check_targets, check_temperature
+from ._layout import as_rows3d, may_overlap
+from ._validation import (
+    check_finite_rows,
+    check_float_tensor,
+    check_targets,
+    check_temperature,
+    value_checks_enabled,
+    widen_targets,
+)
 
 # CPU path working set: each block holds about this many fp32 elements (4 MiB).
 # Measured on this project's 2-core machine, N=4096, V=32000, fp32, fwd+bwd, torch's
@@ -45,6 +53,7 @@ class TokenOpParams:
     ignore_index: int = -100
     backend: str = "torch"  # already resolved: "triton" or "torch"
     inplace_backward: bool = False
+    check_values: bool = False  # run the host-synchronizing value checks (validate=, resolved)
 
     @property
     def inv_tau(self) -> float:
@@ -122,27 +131,42 @@ def _row_blocks(logits3d: torch.Tensor):
             yield a * B + b0, logits3d[a, b0:b0 + rows]
 
 
+def _target_guard(targets: torch.Tensor, V: int, ignore_index: int):
+    """``(keep, ok, safe)``: kept rows, kept rows with an id in ``[0, V)``, ids safe to gather (0 elsewhere).
+
+    Kept rows that are not ``ok`` get NaN outputs and gradients, as in the kernels' guard.
+    """
+    keep = targets != ignore_index
+    ok = keep & (targets >= 0) & (targets < V)
+    return keep, ok, torch.where(ok, targets, 0)
+
+
 def token_forward_torch(logits3d: torch.Tensor, targets: torch.Tensor, params: TokenOpParams, out=None):
     """CPU forward: same outputs as :func:`token_forward_triton`; extra memory ``O(block)``."""
     A, B, V = logits3d.shape
     out_dtype = torch.float64 if logits3d.dtype == torch.float64 else torch.float32
     logp, H, m, log_S = _forward_outputs(A * B, out_dtype, logits3d.device, out)
-    keep = targets != params.ignore_index
-    safe_targets = torch.where(keep, targets, 0)
+    keep, ok, safe_targets = _target_guard(targets, V, params.ignore_index)
     for start, z in _row_blocks(logits3d):
         sl = slice(start, start + z.shape[0])
         z_y = z.gather(1, safe_targets[sl].unsqueeze(1)).view(-1).to(out_dtype) * params.inv_tau
         stats = softmax_stats.block_stats_(softmax_stats.scaled_block(z, params.inv_tau))
         m[sl], log_S[sl], H[sl], logp[sl] = stats.m, stats.log_S, stats.H, stats.logprob(z_y)
-    for t in (logp, H, m, log_S):  # ignored rows: 0 for every output
-        t.masked_fill_(~keep, 0.0)
+    for t in (logp, H, m, log_S):  # ignored rows: 0 for every output; guarded rows: NaN
+        t.masked_fill_(keep & ~ok, float("nan")).masked_fill_(~keep, 0.0)
     return logp, H, m, log_S
+
+
+def _zero_ignored_rows_(dz: torch.Tensor, keep: torch.Tensor) -> None:
+    """Exactly zero gradient on ignored rows, whatever their logits hold (NaN and inf included)."""
+    if dz.device.type == "cpu" and bool(keep.all()):  # reading a CPU mask costs no synchronization
+        return
+    dz.masked_fill_(~keep.unsqueeze(1), 0.0)
 
 
 def token_backward_torch(logits3d, targets, stats: RowStats, g_logp, g_H, params: TokenOpParams, out3d):
     """CPU backward: writes ``dz`` block by block into ``out3d`` (may be ``logits3d`` itself)."""
-    keep = targets != params.ignore_index
-    safe_targets = torch.where(keep, targets, 0)
+    keep, _, safe_targets = _target_guard(targets, logits3d.shape[-1], params.ignore_index)
     # Ignored rows carry zeroed statistics; m = +inf makes p = 0 there (exp(s - 0) could overflow).
     stats = RowStats(torch.where(keep, stats.m, float("inf")), stats.log_S, stats.H)
     if g_logp is not None:
@@ -160,6 +184,7 @@ def token_backward_torch(logits3d, targets, stats: RowStats, g_logp, g_H, params
             None if g_H is None else g_H[sl],
             params.inv_tau,
         )
+        _zero_ignored_rows_(dz, keep[sl])
         a, b0 = divmod(start, B)
         out3d[a, b0:b0 + n].copy_(dz)
     return out3d
@@ -167,21 +192,28 @@ def token_backward_torch(logits3d, targets, stats: RowStats, g_logp, g_H, params
 
 # ---------------------------------------------------------------- autograd
 class TokenLogprobsEntropy(torch.autograd.Function):
-    """``(logits [..., V], targets [...]) -> (logp [...], H [...])``, fp32; see the module docstring."""
+    """``(logits [..., V], targets [...]) -> (logp [...], H [...])``, fp32; see the module docstring.
+
+    First-order only: ``backward`` is ``once_differentiable``, so a second derivative through it
+    (``create_graph=True`` then another ``grad``) raises instead of returning silent zeros.
+    """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, params: TokenOpParams):
         logits3d = as_rows3d(logits)
-        flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
+        flat_targets = widen_targets(targets)
         forward = token_forward_triton if params.backend == "triton" else token_forward_torch
         logp, H, m, log_S = forward(logits3d, flat_targets, params)
-        check_finite_rows(m + log_S, flat_targets != params.ignore_index, "logits")
+        if params.check_values:
+            check_finite_rows(m + log_S, flat_targets != params.ignore_index, "logits", rows=logits3d,
+                              temperature=params.temperature)
         ctx.save_for_backward(logits, flat_targets, m, log_S, H)
         ctx.params = params
         lead = logits.shape[:-1]
         return logp.view(lead), H.view(lead)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logp, grad_H):
         logits, flat_targets, m, log_S, H = ctx.saved_tensors
         params: TokenOpParams = ctx.params
@@ -190,7 +222,8 @@ class TokenLogprobsEntropy(torch.autograd.Function):
         g_logp = None if grad_logp is None else grad_logp.reshape(-1).to(H.dtype).contiguous()
         g_H = None if grad_H is None else grad_H.reshape(-1).to(H.dtype).contiguous()
         logits3d = as_rows3d(logits)
-        if params.inplace_backward and logits3d.data_ptr() == logits.data_ptr():  # a view, not a copy
+        in_place = params.inplace_backward and logits3d.data_ptr() == logits.data_ptr()  # a view, not a copy
+        if in_place:
             out, out3d = logits, logits3d
         else:
             out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -198,6 +231,11 @@ class TokenLogprobsEntropy(torch.autograd.Function):
         backward = token_backward_triton if params.backend == "triton" else token_backward_torch
         with torch.no_grad():
             backward(logits3d, flat_targets, RowStats(m, log_S, H), g_logp, g_H, params, out3d)
+        if in_place and params.backend == "triton":
+            # The kernel wrote through a raw pointer: tell autograd, so that any other node that
+            # saved these logits fails its version check instead of reading the gradient as logits.
+            # (The torch path writes with copy_, which bumps the version itself.)
+            torch.autograd.graph.increment_version(logits)
         return out, None, None
 
 
@@ -211,6 +249,7 @@ def token_logprobs_and_entropy(
     return_entropy: bool = True,
     inplace_backward: bool = False,
     backend: str = "auto",
+    validate="auto",
 ):
     """Per-token log-prob of ``targets`` and entropy of ``softmax(logits / temperature)``.
 
@@ -221,27 +260,54 @@ def token_logprobs_and_entropy(
         ignore_index: positions with this target give 0 for both outputs and get zero gradient.
         return_entropy: when False the second output is ``None`` (the kernel is the same).
         inplace_backward: write ``d loss / d logits`` into the logits' own buffer in
-            backward, saving one ``[..., V]`` allocation. This *destroys the logits*:
-            use it only when nothing else reads them after the backward.
+            backward, saving one ``[..., V]`` allocation. This *destroys the logits*: the
+            write bumps their autograd version, so another node that saved them raises
+            autograd's "modified by an inplace operation" error instead of reading the
+            gradient. Refused (``ValueError``) for a leaf that requires grad and for logits
+            whose elements may overlap in memory (``expand``-ed or overlapping strides).
         backend: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU; ``ENTROPY_OPS_BACKEND``
             overrides), ``"triton"`` or ``"torch"``.
+        validate: the checks that read tensor data (targets in range, a finite logit in
+            every kept row, ``logits / temperature`` within fp32), which synchronize with
+            the host on CUDA. ``True``: always; ``False``: never; ``"auto"`` (default): on
+            CPU tensors only. Without them a bad target (outside ``[0, V)`` and not
+            ``ignore_index``) is never read: its row gives NaN outputs and a NaN gradient,
+            as does a kept row with no finite logit. Shape, dtype and device checks always run.
 
     Returns:
         ``(logp, entropy)``, fp32 ``[...]``: ``logp = s_y - logsumexp(s)``,
         ``entropy = logsumexp(s) - sum_i softmax(s)_i s_i`` with ``s = logits / tau``.
         Gradient: ``dz_i = (g_logp (1[i=y] - p_i) - g_H p_i (log p_i + H)) / tau``.
 
-    Raises ``ValueError`` for a non-ignored row with no finite logit.
+    Raises ``ValueError`` (with the value checks on) for a target out of range, a non-ignored
+    row with no finite logit, or a ``temperature`` that makes the scaled logits overflow fp32.
     """
     check_float_tensor("logits", logits)
     temperature = check_temperature(temperature)
-    check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index, logits.device)
+    check_values = value_checks_enabled(validate, logits.device)
+    check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index, logits.device, validate=check_values)
     resolved = resolve_backend(backend, logits.device)
     if resolved == "triton" and logits.dtype == torch.float64:
         raise TypeError("logits must be fp32, bf16 or fp16 on the Triton backend, got torch.float64")
-    params = TokenOpParams(temperature, ignore_index, resolved, bool(inplace_backward))
+    if inplace_backward:
+        check_inplace_logits(logits)
+    params = TokenOpParams(temperature, ignore_index, resolved, bool(inplace_backward), check_values)
     logp, H = TokenLogprobsEntropy.apply(logits, targets, params)
     return logp, (H if return_entropy else None)
+
+
+def check_inplace_logits(logits: torch.Tensor) -> None:
+    """``inplace_backward=True`` writes the gradient into ``logits``: they must be a non-leaf (or not
+    require grad) and their elements must not share memory (else rows would overwrite each other)."""
+    if logits.requires_grad and logits.is_leaf:
+        raise ValueError("inplace_backward=True would overwrite a leaf tensor that requires grad (its .grad would "
+                         "alias its data); pass the output of the lm_head (a non-leaf) or inplace_backward=False")
+    if may_overlap(logits):
+        raise ValueError(
+            f"inplace_backward=True needs logits whose elements do not overlap in memory, got shape "
+            f"{tuple(logits.shape)} with strides {logits.stride()} (an expand()-ed or overlapping view); "
+            "pass logits.contiguous() or inplace_backward=False"
+        )
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, **kwargs) -> torch.Tensor:

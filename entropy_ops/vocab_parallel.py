@@ -7,8 +7,8 @@ differ. With ``s = z / tau`` (soft-capped first in the linear form) and target `
     per rank, one fused pass over its shard:  m_r = max s,  S_r = sum exp(s - m_r),
                                              T_r = sum exp(s - m_r) (s - m_r),  d_r = s_y - m_r (owner only)
     m = max_r m_r                                                          all-reduce MAX
-    [S, T, s_y - m] = sum_r a_r [S_r, T_r + (m_r - m) S_r, 0] + [0, 0, 1[y in r] (d_r + m_r - m)],
-                      a_r = exp(m_r - m)                                   one all-reduce SUM of [3, N]
+    [S, T, s_y - m, owners] = sum_r a_r [S_r, T_r + (m_r - m) S_r, 0, 0] + [0, 0, 1[y in r] (d_r + m_r - m), 1[y in r]],
+                      a_r = exp(m_r - m)                                   one all-reduce SUM of [4, N]
     logp = (s_y - m) - log S,   H = log S - T / S                        (docs/math.md section 1)
 
 The target's logit enters through the sum: only its owner adds a non-zero, so the sum is exact.
@@ -28,15 +28,18 @@ like the input gradient of Megatron's column-parallel linear; ``dW_r``, ``db_r``
 Conventions (as in Megatron's vocab-parallel cross-entropy): ``targets`` (global ids), ``hidden``,
 ``temperature`` and the other options are identical on every rank; the outputs are replicated,
 and every rank builds the same loss from them (each backward uses its own upstream gradient as
-is). Every call validates the shard layout with one all-gather of ``(vocab_start, V_r)`` and the
-targets against the resulting ``V`` (a host sync, like ``check_targets`` of the other ops); local
-argument errors raise before any collective, so a rank-dependent error leaves the others waiting.
+is). With the value checks on (``validate=``; by default on CPU tensors) every call validates the
+shard layout with one all-gather of ``(vocab_start, V_r)`` and the targets against the resulting ``V``
+(a host sync); without them a kept row whose target is owned by no rank or by several (``owners != 1``)
+gives NaN. Local argument errors raise before any collective, so a rank-dependent error leaves the
+others waiting.
 A group of one rank calls the single-process op (bitwise the same results).
 """
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from . import softmax_stats
 from ._dispatch import resolve_backend
@@ -48,6 +51,8 @@ from ._validation import (
     check_softcap,
     check_targets,
     check_temperature,
+    value_checks_enabled,
+    widen_targets,
 )
 from .linear_ops import (
     LinearOpParams,
@@ -59,6 +64,7 @@ from .softmax_stats import RowStats
 from .token_ops import (
     TokenOpParams,
     _row_blocks,
+    _zero_ignored_rows_,
     token_backward_triton,
     token_forward_torch,
     token_forward_triton,
@@ -73,6 +79,7 @@ class VocabParallelParams:
     vocab_start: int
     group: object  # a torch.distributed ProcessGroup
     op: TokenOpParams | LinearOpParams
+    check_values: bool = True  # the host-synchronizing checks (validate=, resolved)
 
 
 # ---------------------------------------------------------------- statistics across ranks
@@ -111,31 +118,44 @@ def shard_partials(logp_r, m_r, log_S_r, H_r, owned) -> torch.Tensor:
 
 
 def rescale_partials(part: torch.Tensor, owned: torch.Tensor, m_global: torch.Tensor) -> torch.Tensor:
-    """``[3, N]`` summands of the all-reduce: ``(S, T)`` of :func:`shard_partials` moved to the reference
-    ``m_global`` (``merge_stats`` with an empty partial at ``m_global``) and ``s_y - m_global`` on the
-    target's owner, exactly 0 elsewhere (so the sum over ranks adds zeros to one value: exact)."""
+    """``[4, N]`` summands of the all-reduce: ``(S, T)`` of :func:`shard_partials` moved to the reference
+    ``m_global`` (``merge_stats`` with an empty partial at ``m_global``), ``s_y - m_global`` on the
+    target's owner, exactly 0 elsewhere (so the sum over ranks adds zeros to one value: exact), and
+    ``1`` where this rank owns the target (summed: the number of owners, which must be 1)."""
     m, S, T, d = part
     zero = torch.zeros_like(S)
     _, S_g, T_g = softmax_stats.merge_stats(m, S, T, m_global, zero, zero)
     m_ref = torch.where(torch.isneginf(m_global), zero, m_global)
     d_g = torch.where(owned, d + (m - m_ref), zero)
-    return torch.stack((S_g, T_g, d_g))
+    return torch.stack((S_g, T_g, d_g, owned.to(S.dtype)))
 
 
-def finish_partials(m_global: torch.Tensor, summed: torch.Tensor) -> tuple[RowStats, torch.Tensor]:
-    """Global ``RowStats`` and ``logp = (s_y - m) - log S`` from the reduced ``m`` and the summed ``[3, N]``."""
-    S, T, d = summed
+def finish_partials(m_global: torch.Tensor, summed: torch.Tensor,
+                    keep: torch.Tensor | None = None) -> tuple[RowStats, torch.Tensor]:
+    """Global ``RowStats`` and ``logp = (s_y - m) - log S`` from the reduced ``m`` and the summed ``[4, N]``.
+
+    With ``keep`` (rows whose target is not ignored), a kept row whose target no rank owned, or more than
+    one did (a target outside ``[0, V)``, or shards that do not tile the vocabulary, when the
+    host-synchronizing checks are off), gets NaN ``m``, ``H`` and ``logp`` (so a NaN gradient): the
+    device-side guard of ``validate=``.
+    """
+    S, T, d, owners = summed
     stats = softmax_stats.finalize_stats(m_global, S, T)
-    return stats, d - stats.log_S
+    if keep is None:
+        return stats, d - stats.log_S
+    bad = keep & (owners != 1)
+    nan = torch.full_like(S, float("nan"))
+    stats = RowStats(torch.where(bad, nan, stats.m), stats.log_S, torch.where(bad, nan, stats.H))
+    return stats, torch.where(bad, nan, d - stats.log_S)
 
 
-def combine_shards(part: torch.Tensor, owned: torch.Tensor, group) -> tuple[RowStats, torch.Tensor]:
-    """All-reduce MAX of ``m``, then one all-reduce SUM of the rescaled ``[3, N]``: global stats and logp."""
+def combine_shards(part: torch.Tensor, owned: torch.Tensor, group, keep: torch.Tensor | None = None):
+    """All-reduce MAX of ``m``, then one all-reduce SUM of the rescaled ``[4, N]``: global stats and logp."""
     m_global = part[0].clone()
     dist.all_reduce(m_global, op=dist.ReduceOp.MAX, group=group)
     summed = rescale_partials(part, owned, m_global)
     dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
-    return finish_partials(m_global, summed)
+    return finish_partials(m_global, summed, keep)
 
 
 def _saved_stats(stats: RowStats, keep: torch.Tensor) -> torch.Tensor:
@@ -146,9 +166,10 @@ def _saved_stats(stats: RowStats, keep: torch.Tensor) -> torch.Tensor:
 
 def _finish(part, owned, targets, params: VocabParallelParams, what: str):
     """Reduce the partials; return ``(logp, H, saved stats [3, N])`` with ignored rows zeroed."""
-    stats, logp = combine_shards(part, owned, params.group)
     keep = targets != params.op.ignore_index
-    check_finite_rows(stats.lse, keep, what)  # same data on every rank: all raise together
+    stats, logp = combine_shards(part, owned, params.group, keep)
+    if params.check_values:  # same data on every rank: all raise together
+        check_finite_rows(stats.lse, keep, what)
     zero = torch.zeros_like(logp)
     return torch.where(keep, logp, zero), torch.where(keep, stats.H, zero), _saved_stats(stats, keep)
 
@@ -165,6 +186,7 @@ def _token_shard_backward_torch(logits3d, local_targets, stats: RowStats, g_logp
     keep = local_targets != params.ignore_index
     here = keep & (local_targets >= 0) & (local_targets < V)
     cols = local_targets.clamp(0, V - 1)
+    stats = RowStats(torch.where(keep, stats.m, float("inf")), stats.log_S, stats.H)  # ignored rows: p = 0
     g_logp = None if g_logp is None else torch.where(keep, g_logp, 0.0)
     g_H = None if g_H is None else torch.where(keep, g_H, 0.0)
     B = logits3d.shape[1]
@@ -176,6 +198,7 @@ def _token_shard_backward_torch(logits3d, local_targets, stats: RowStats, g_logp
             None if g_logp is None else g_logp[sl], None if g_H is None else g_H[sl],
             params.inv_tau, in_block=here[sl],
         )
+        _zero_ignored_rows_(dz, keep[sl])
         a, b0 = divmod(start, B)
         out3d[a, b0:b0 + z.shape[0]].copy_(dz)
     return out3d
@@ -188,7 +211,7 @@ class VocabParallelTokenLogprobsEntropy(torch.autograd.Function):
     def forward(ctx, logits_shard, targets, params: VocabParallelParams):
         op: TokenOpParams = params.op
         logits3d = as_rows3d(logits_shard)
-        flat = targets.reshape(-1).to(torch.int64)
+        flat = widen_targets(targets)
         fwd_t, bwd_t, owned = shard_targets(flat, params.vocab_start, logits_shard.shape[-1], op.ignore_index)
         forward = token_forward_triton if op.backend == "triton" else token_forward_torch
         logp_r, H_r, m_r, log_S_r = forward(logits3d, fwd_t, op)
@@ -200,6 +223,7 @@ class VocabParallelTokenLogprobsEntropy(torch.autograd.Function):
         return logp.view(lead), H.view(lead)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logp, grad_H):
         logits_shard, bwd_t, saved = ctx.saved_tensors
         op: TokenOpParams = ctx.params.op
@@ -225,7 +249,7 @@ class VocabParallelLinearLogprobsEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, params: VocabParallelParams):
         ctx.set_materialize_grads(False)
         op: LinearOpParams = params.op
-        flat = targets.reshape(-1).to(torch.int64)
+        flat = widen_targets(targets)
         fwd_t, bwd_t, owned = shard_targets(flat, params.vocab_start, weight.shape[0], op.ignore_index)
         logp_r, _, st = linear_forward(hidden, weight, bias, fwd_t, op)
         part = shard_partials(logp_r, st[0], st[1], st[2], owned)  # st[2]: H of every row (logp_r's H is masked)
@@ -236,6 +260,7 @@ class VocabParallelLinearLogprobsEntropy(torch.autograd.Function):
         return logp.view(lead), H.view(lead)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logp, grad_H):
         hidden, weight, bias, bwd_t, saved = ctx.saved_tensors
         params: VocabParallelParams = ctx.params
@@ -301,6 +326,14 @@ def check_shard_layout(vocab_start: int, n_local: int, group, device: torch.devi
     return end
 
 
+def _n_classes(vocab_start: int, n_local: int, group, device: torch.device, check_values: bool) -> int:
+    """``V`` from the checked shard layout (a collective and a host sync), or, without the value checks,
+    the smallest ``V`` this rank can vouch for (``vocab_start + V_r``: used only to check ``ignore_index``)."""
+    if check_values:
+        return check_shard_layout(vocab_start, n_local, group, device)
+    return vocab_start + n_local
+
+
 # ---------------------------------------------------------------- public functionals
 def vocab_parallel_logprobs_and_entropy(
     logits_shard: torch.Tensor,
@@ -311,12 +344,13 @@ def vocab_parallel_logprobs_and_entropy(
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
+    validate="auto",
 ):
     """:func:`~entropy_ops.token_logprobs_and_entropy` over logits split by vocab across ranks.
 
     Equals ``token_logprobs_and_entropy(cat(logits shards of all ranks, ordered by vocab_start), targets)``
     without gathering the logits: one fused pass over the local shard, an all-reduce MAX of ``[N]``
-    and an all-reduce SUM of ``[3, N]`` (module docstring). Call it on every rank of the group.
+    and an all-reduce SUM of ``[4, N]`` (module docstring). Call it on every rank of the group.
 
     Args:
         logits_shard: ``[..., V_r]`` this rank's logits for the global ids ``[vocab_start, vocab_start + V_r)``,
@@ -326,6 +360,10 @@ def vocab_parallel_logprobs_and_entropy(
             (any order, any sizes >= 1); checked on every call with one all-gather.
         process_group: the tensor-parallel group; ``None`` is the default group.
         temperature, ignore_index, backend: as in ``token_logprobs_and_entropy``.
+        validate: as in ``token_logprobs_and_entropy``. The value checks here also include the shard
+            layout (one all-gather and a host sync); without them (``"auto"`` on CUDA, or ``False``) a row
+            whose target no rank owns exactly once (out of range, or shards that do not tile ``[0, V)``)
+            gives NaN, found on the device from the owner count carried in the all-reduce.
 
     Returns:
         ``(logp, entropy)`` fp32 ``[...]`` (fp64 for fp64 inputs on the CPU path), identical on every
@@ -338,13 +376,16 @@ def vocab_parallel_logprobs_and_entropy(
     group, world = _group_and_size(process_group, vocab_start)
     if world == 1:
         return token_logprobs_and_entropy(logits_shard, targets, temperature=temperature,
-                                          ignore_index=ignore_index, backend=backend)
-    n_classes = check_shard_layout(vocab_start, logits_shard.shape[-1], group, logits_shard.device)
-    check_targets(targets, logits_shard.shape[:-1], n_classes, ignore_index, logits_shard.device)
+                                          ignore_index=ignore_index, backend=backend, validate=validate)
+    check_values = value_checks_enabled(validate, logits_shard.device)
+    n_classes = _n_classes(vocab_start, logits_shard.shape[-1], group, logits_shard.device, check_values)
+    check_targets(targets, logits_shard.shape[:-1], n_classes, ignore_index, logits_shard.device,
+                  validate=check_values)
     resolved = resolve_backend(backend, logits_shard.device)
     if resolved == "triton" and logits_shard.dtype == torch.float64:
         raise TypeError("logits_shard must be fp32, bf16 or fp16 on the Triton backend, got torch.float64")
-    params = VocabParallelParams(vocab_start, group, TokenOpParams(temperature, ignore_index, resolved))
+    params = VocabParallelParams(vocab_start, group, TokenOpParams(temperature, ignore_index, resolved),
+                                 check_values)
     return VocabParallelTokenLogprobsEntropy.apply(logits_shard, targets, params)
 
 
@@ -360,6 +401,7 @@ def vocab_parallel_linear_logprobs_and_entropy(
     ignore_index: int = -100,
     logit_softcap: float | None = None,
     backend: str = "auto",
+    validate="auto",
 ):
     """:func:`~entropy_ops.linear_logprobs_and_entropy` with the lm_head split by vocab rows across ranks.
 
@@ -376,6 +418,7 @@ def vocab_parallel_linear_logprobs_and_entropy(
         bias_shard: optional ``[V_r]``.
         process_group: the tensor-parallel group; ``None`` is the default group.
         temperature, ignore_index, logit_softcap, backend: as in ``linear_logprobs_and_entropy``.
+        validate: as in :func:`vocab_parallel_logprobs_and_entropy` (with more than one rank).
 
     Returns:
         ``(logp, entropy)`` fp32 ``[...]``, identical on every rank. Backward: ``d weight_shard`` and
@@ -390,11 +433,12 @@ def vocab_parallel_linear_logprobs_and_entropy(
     if world == 1:
         return linear_logprobs_and_entropy(hidden, weight_shard, targets, bias=bias_shard, temperature=temperature,
                                            ignore_index=ignore_index, logit_softcap=logit_softcap, backend=backend)
-    n_classes = check_shard_layout(vocab_start, weight_shard.shape[0], group, hidden.device)
-    check_targets(targets, hidden.shape[:-1], n_classes, ignore_index, hidden.device)
+    check_values = value_checks_enabled(validate, hidden.device)
+    n_classes = _n_classes(vocab_start, weight_shard.shape[0], group, hidden.device, check_values)
+    check_targets(targets, hidden.shape[:-1], n_classes, ignore_index, hidden.device, validate=check_values)
     resolved = resolve_backend(backend, hidden.device)
     if resolved == "triton" and hidden.dtype == torch.float64:
         raise TypeError("hidden must be fp32, bf16 or fp16 on the Triton backend, got torch.float64")
     op = LinearOpParams(temperature, ignore_index, resolved, logit_softcap)
-    params = VocabParallelParams(vocab_start, group, op)
+    params = VocabParallelParams(vocab_start, group, op, check_values)
     return VocabParallelLinearLogprobsEntropy.apply(hidden, weight_shard, bias_shard, targets, params)
