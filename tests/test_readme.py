@@ -66,3 +66,16 @@ def test_local_links_exist_and_no_outside_reference():
         if not target.startswith(("http://", "https://")):
             assert os.path.exists(os.path.join(ROOT, target)), f"README links to missing {target}"
     assert "ALGORITHMS.md" not in README and "reference sheet" not in README
+
+
+def test_no_file_cites_the_math_outside_the_repository():
+    """The math is docs/math.md; no docstring or document points to a sheet that is not shipped."""
+    offenders = []
+    for folder in ("kernels", "entropy_ops", "trainers", "tests", "docs", "examples", "benchmarks"):
+        for dirpath, _, names in os.walk(os.path.join(ROOT, folder)):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                if name.endswith((".py", ".md")) and os.path.abspath(path) != os.path.abspath(__file__):
+                    if "ALGORITHMS.md" in open(path, encoding="utf-8").read():
+                        offenders.append(os.path.relpath(path, ROOT))
+    assert not offenders, f"cite docs/math.md instead of ALGORITHMS.md in {offenders}"
