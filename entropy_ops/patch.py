@@ -15,7 +15,8 @@ final soft-cap ``cap`` of the model's head::
 
 which is ``transformers``' ``ForCausalLMLoss`` (its shift, ``ignore_index=-100`` default, fp32
 loss). The output layer is never called, so the ``[B, T, V]`` logits never exist, in forward or
-backward; gradients reach every parameter (body, head, tied embeddings) as before.
+backward, and only the rows with a target reach the vocabulary (a masked prompt costs no vocabulary
+pass); gradients reach every parameter (body, head, tied embeddings) as before.
 
 * Without ``labels`` the call is the model's own ``forward``, unchanged: logits
   as usual (``generate`` works).
@@ -62,17 +63,18 @@ def causal_lm_loss(head: OutputHead, hidden: torch.Tensor, labels: torch.Tensor 
     if targets.numel() * hidden.shape[-1] != hidden.numel():
         raise ValueError(f"labels of shape {tuple(shift_labels.shape)} do not match the {tuple(hidden.shape[:-1])} "
                          "positions whose hidden states reached the output layer (logits_to_keep?)")
-    h, w, b = head_operands(head, hidden.reshape(-1, hidden.shape[-1]))
-    reduction = "mean" if num_items_in_batch is None else "sum"
+    targets = targets.to(hidden.device)
+    keep = targets != ignore_index  # only these rows reach the vocabulary (one host sync)
+    h, w, b = head_operands(head, hidden.reshape(-1, hidden.shape[-1])[keep])
     with torch.autocast(w.device.type, enabled=False):
-        loss = linear_cross_entropy(h, w, targets.to(w.device), bias=b, reduction=reduction,
+        loss = linear_cross_entropy(h, w, targets[keep].to(w.device), bias=b, reduction="sum",
                                     ignore_index=ignore_index, logit_softcap=head.softcap,
                                     temperature=head.op_temperature(1.0), backend=backend)
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss
+    if num_items_in_batch is None:
+        return loss / keep.sum().to(loss.device)  # NaN when every target is ignored, as in transformers
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
 
 
 class FusedLossForward:

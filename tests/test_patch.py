@@ -241,3 +241,29 @@ def test_refusals_name_the_family():
         entropy_ops.patch("llama")
     with pytest.raises(ValueError, match="backend"):
         entropy_ops.patch(make_model("llama", 9), backend="cuda")
+
+
+def test_triton_backend_and_bf16_model():
+    """The real kernels (Triton interpreter) behind the patch, and a bf16 model against its own stock loss."""
+    model = make_model("gemma2", 10).float()
+    input_ids, labels, _ = make_inputs(model, "gemma2", 10)
+    ref = reference_loss(model(input_ids=input_ids).logits, labels)
+    entropy_ops.patch(model, backend="triton")
+    assert_close(model(input_ids=input_ids, labels=labels).loss, ref, 1e-5, "loss (triton, fp32)")
+
+    bf16 = make_model("llama", 11).to(torch.bfloat16)
+    input_ids, labels, _ = make_inputs(bf16, "llama", 11)
+    stock = bf16(input_ids=input_ids, labels=labels).loss
+    entropy_ops.patch(bf16)
+    loss = bf16(input_ids=input_ids, labels=labels).loss
+    assert loss.dtype == torch.float32  # as transformers' loss: fp32 from bf16 logits
+    assert_close(loss, stock, 1e-2, "loss (bf16 model)")
+
+
+def test_every_label_ignored_gives_nan_like_transformers():
+    model = make_model("llama", 12)
+    input_ids, _, _ = make_inputs(model, "llama", 12)
+    labels = torch.full_like(input_ids, -100)
+    stock = model(input_ids=input_ids, labels=labels).loss
+    entropy_ops.patch(model)
+    assert torch.isnan(stock) and torch.isnan(model(input_ids=input_ids, labels=labels).loss)
