@@ -475,11 +475,13 @@ class Trainer:
                     if main:
                         bar.write(f"saved {path}")
                 if stopped and evaluating and last_eval != self.step:  # the checkpoint is safe: now evaluate
-                    bar.write(f"evaluating the held-out set at step {self.step} (Ctrl-C again skips it)")
+                    if main:
+                        bar.write(f"evaluating the held-out set at step {self.step} (Ctrl-C again skips it)")
                     try:
                         self._log_eval(bar)
                     except KeyboardInterrupt:
-                        bar.write("held-out evaluation at the stop skipped")
+                        if main:
+                            bar.write("held-out evaluation at the stop skipped")
             finally:
                 bar.close()
                 if self.logger is not None:
