@@ -210,6 +210,24 @@ def test_inexpressible_output_layer_falls_back_to_trl(setup):
     assert torch.equal(our_loss, ref_loss) and torch.equal(our_grads["lm_head"], ref_grads["lm_head"])
 
 
+def test_unknown_logit_post_processing_falls_back_to_trl(setup):
+    """A forward that rescales its logits in a way the config does not say: found before training starts."""
+    import transformers
+
+    class RescaledLlama(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            outputs = super().forward(*args, **kwargs)
+            outputs.logits = outputs.logits * 2.0
+            return outputs
+
+    tokenizer, model, dataset = setup
+    rescaled = RescaledLlama(model.config)
+    rescaled.load_state_dict(model.state_dict())
+    with pytest.warns(fused_trl.FusedFallbackWarning, match="post-processes its logits"):
+        ours = make_trainer(fused_trl.FusedGRPOTrainer, (tokenizer, rescaled, dataset))
+    assert ours.fused_plan.path == "trl"
+
+
 def test_no_warning_for_fused_defaults(setup):
     with warnings.catch_warnings():
         warnings.simplefilter("error", fused_trl.FusedFallbackWarning)

@@ -140,7 +140,7 @@ class FusedGRPOTrainer(GRPOTrainer):
                                model=None if isinstance(model, str) else model)
         super().__init__(model, reward_funcs, args, *pos, **kwargs)
         if plan.fused_head:  # a model given by name is checked now that TRL has loaded it
-            late = zero3_reason() or head_reason(self.model)
+            late = zero3_reason() or (head_reason(self.model) if isinstance(model, str) else None)
             if late is not None:
                 plan = FusedGRPOPlan(path="trl", backend=fused_backend, reasons=(late,))
                 warnings.warn(f"FusedGRPOTrainer: {late}", FusedFallbackWarning, stacklevel=2)

@@ -132,13 +132,35 @@ def zero3_reason() -> str | None:
 
 
 def head_reason(model) -> str | None:
-    """Why the fused head cannot reproduce ``model``'s output layer, or ``None``."""
+    """Why the fused head cannot reproduce ``model``'s output layer, or ``None``.
+
+    Reads the head (:func:`entropy_ops.output_head.output_head`), then runs the model once on one token
+    (in eval mode, no gradient) with the output layer captured and checks that the model post-processes its logits as the head
+    says (:meth:`~entropy_ops.output_head.HeadCapture.check_transform`). A one-token forward that fails
+    for another reason is left to training to report.
+    """
+    import torch
     from accelerate.utils import is_peft_model
 
-    from ..output_head import output_head
+    from ..output_head import capture_head, output_head
 
+    model = model.get_base_model() if is_peft_model(model) else model
     try:
-        output_head(model.get_base_model() if is_peft_model(model) else model)
+        head = output_head(model)
     except (NotImplementedError, TypeError, ValueError) as err:
+        return f"{err}; TRL's own log-probs and loss are used"
+    training = model.training
+    try:
+        token = torch.zeros(1, 1, dtype=torch.long, device=head.weight.device)
+        model.eval()  # no dropout: the check draws no random numbers
+        with torch.no_grad(), capture_head(model, head) as record:
+            outputs = model(input_ids=token, use_cache=False)
+    except Exception:  # noqa: BLE001  (not this check's business: training will raise it)
+        return None
+    finally:
+        model.train(training)
+    try:
+        record.check_transform(outputs["logits"])
+    except TypeError as err:
         return f"{err}; TRL's own log-probs and loss are used"
     return None
