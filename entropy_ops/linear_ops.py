@@ -7,7 +7,7 @@ Math (``h [N, D]``, ``W [V, D]``, ``b [V]``, optional soft-cap ``c``, temperatur
     dz_i = (g_logp (1[i = y] - p_i) - g_H p_i (log p_i + H)) / tau * (1 - tanh^2(z_raw_i / c))
     dh = dz W,   dW = dz^T h,   db = sum over tokens of dz
 
-Equals ``token_logprobs_and_entropy(hidden @ weight.T + bias, targets, ...)`` (ALGORITHMS.md
+Equals ``token_logprobs_and_entropy(hidden @ weight.T + bias, targets, ...)`` (docs/math.md
 section 1, "From hidden states") without ever holding the ``[N, V]`` logits or their gradient.
 The CUDA path (``linear_triton``) walks the vocabulary in chunks of ``Vc`` columns: forward, large
 matmul tiles with a statistics epilogue; backward, a kernel that recomputes each chunk's logits and
@@ -39,6 +39,8 @@ from ._validation import (
     check_softcap,
     check_targets,
     check_temperature,
+    value_checks_enabled,
+    widen_targets,
 )
 
 # CPU path: every [n, v], [n, D] and [v, D] working block holds at most this many elements
@@ -66,6 +68,7 @@ class LinearOpParams:
     allow_tf32: bool = False
     vocab_chunk: int | None = None
     matmul: str = "auto"
+    check_values: bool = False  # run the host-synchronizing value checks (validate=, resolved)
 
     @property
     def inv_tau(self) -> float:
@@ -175,9 +178,11 @@ def linear_forward_torch(h2d, weight, bias, targets, params: LinearOpParams, *, 
             part = softmax_stats.block_online_stats_(s)
             m[n0:n1], S[n0:n1], T[n0:n1] = softmax_stats.merge_stats(m[n0:n1], S[n0:n1], T[n0:n1], *part)
     stats = softmax_stats.finalize_stats(m, S, T)
-    logp = stats.logprob(s_y).masked_fill_(~keep, 0.0)
-    H = stats.H.masked_fill(~keep, 0.0)
-    return logp, H, torch.stack((stats.m, stats.log_S, stats.H))
+    bad = keep & ((targets < 0) | (targets >= V))  # the kernels' guard: NaN, never a silent number
+    m_out = stats.m.masked_fill(bad, float("nan"))
+    logp = stats.logprob(s_y).masked_fill_(bad, float("nan")).masked_fill_(~keep, 0.0)
+    H = stats.H.masked_fill(bad, float("nan")).masked_fill_(~keep, 0.0)
+    return logp, H, torch.stack((m_out, stats.log_S, stats.H.masked_fill(bad, float("nan"))))
 
 
 def linear_backward_torch(h2d, weight, bias, targets, stats, g_logp, g_H, params: LinearOpParams, needs,
@@ -276,9 +281,10 @@ class LinearLogprobsEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, params: LinearOpParams):
         ctx.set_materialize_grads(False)
-        flat_targets = targets.reshape(-1).to(torch.int64).contiguous()
+        flat_targets = widen_targets(targets)
         logp, H, stats = linear_forward(hidden, weight, bias, flat_targets, params)
-        check_finite_rows(stats[0] + stats[1], flat_targets != params.ignore_index, "logits (hidden @ weight.T)")
+        if params.check_values:
+            check_finite_rows(stats[0] + stats[1], flat_targets != params.ignore_index, "logits (hidden @ weight.T)")
         ctx.save_for_backward(hidden, weight, bias, flat_targets, stats)
         ctx.params = params
         lead = hidden.shape[:-1]
@@ -302,6 +308,23 @@ class LinearLogprobsEntropy(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------- public functional
+def linear_op_params(hidden, weight, bias, targets, *, temperature, ignore_index, logit_softcap, allow_tf32,
+                     backend, vocab_chunk=None, matmul="auto", validate="auto") -> LinearOpParams:
+    """Check the arguments of the hidden-state op (shared with the one-pass policy loss) -> its params."""
+    check_lm_head(hidden, weight, bias)
+    temperature = check_temperature(temperature)
+    logit_softcap = check_softcap(logit_softcap)
+    if not isinstance(allow_tf32, bool):
+        raise TypeError(f"allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
+    check_values = value_checks_enabled(validate, hidden.device)
+    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device, validate=check_values)
+    resolved = resolve_backend(backend, hidden.device)
+    if resolved == "triton" and hidden.dtype == torch.float64:
+        raise TypeError("hidden must be fp32, bf16 or fp16 on the Triton backend, got torch.float64")
+    return LinearOpParams(temperature, ignore_index, resolved, logit_softcap, allow_tf32,
+                          check_vocab_chunk(vocab_chunk), check_matmul(matmul), check_values)
+
+
 def check_vocab_chunk(vocab_chunk) -> int | None:
     """``vocab_chunk`` must be ``None`` or an int >= 1."""
     if vocab_chunk is None:
@@ -334,6 +357,7 @@ def linear_logprobs_and_entropy(
     backend: str = "auto",
     vocab_chunk: int | None = None,
     matmul: str = "auto",
+    validate="auto",
 ):
     """Per-token log-prob of ``targets`` and entropy of ``softmax(cap(hidden @ weight.T + bias) / temperature)``.
 
@@ -379,19 +403,17 @@ def linear_logprobs_and_entropy(
         the Triton path (to bf16 for fp16 inputs, whose range would flush small ``dz`` to zero).
         Both paths are deterministic: no atomics, every reduction in a fixed order.
 
-    Raises ``ValueError`` for a non-ignored row whose logits are not finite (NaN/inf inputs).
+        validate: the checks that read tensor data (targets in ``[0, V)``, a finite logit in every kept
+            row), which synchronize with the host on CUDA. ``True``: always; ``False``: never;
+            ``"auto"`` (default): on CPU tensors only. Without them a kept row whose target is out of
+            range gives NaN outputs and NaN gradients (the kernels never read it), as does a kept
+            row with no finite logit. Metadata checks always run.
+
+    Raises ``ValueError`` (with the value checks on) for a target out of range or a non-ignored row
+    whose logits are not finite (NaN/inf inputs).
     """
-    check_lm_head(hidden, weight, bias)
-    n_classes = weight.shape[0]
-    temperature = check_temperature(temperature)
-    logit_softcap = check_softcap(logit_softcap)
-    if not isinstance(allow_tf32, bool):
-        raise TypeError(f"allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
-    check_targets(targets, hidden.shape[:-1], n_classes, ignore_index, hidden.device)
-    resolved = resolve_backend(backend, hidden.device)
-    if resolved == "triton" and hidden.dtype == torch.float64:
-        raise TypeError("hidden must be fp32, bf16 or fp16 on the Triton backend, got torch.float64")
-    params = LinearOpParams(temperature, ignore_index, resolved, logit_softcap, allow_tf32,
-                            check_vocab_chunk(vocab_chunk), check_matmul(matmul))
+    params = linear_op_params(hidden, weight, bias, targets, temperature=temperature, ignore_index=ignore_index,
+                              logit_softcap=logit_softcap, allow_tf32=allow_tf32, backend=backend,
+                              vocab_chunk=vocab_chunk, matmul=matmul, validate=validate)
     logp, H = LinearLogprobsEntropy.apply(hidden, weight, bias, targets, params)
     return logp, (H if return_entropy else None)

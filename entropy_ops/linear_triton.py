@@ -193,7 +193,7 @@ def forward_chunks(h3d, weight, bias, targets, params, *, config=None, vocab_chu
                       **meta, STORE_LOGITS=workspace is not None)
         k._linear_stats_merge[(_cdiv(n_rows, k.MERGE_BLOCK),)](
             part, run, s_y, targets, logp, H, stats,
-            n_rows, _cdiv(v1 - v0, cfg.block_v), part.stride(0), part.stride(1), params.ignore_index,
+            n_rows, _cdiv(v1 - v0, cfg.block_v), V, part.stride(0), part.stride(1), params.ignore_index,
             BLOCK=k.MERGE_BLOCK, FINAL=v1 == V, num_warps=k.MERGE_WARPS,
         )
     return logp, H, stats, part

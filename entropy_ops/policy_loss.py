@@ -78,7 +78,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._validation import check_float_tensor
+from ._validation import check_float_tensor, widen_targets
 
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 # Log-ratios (policy/old and ref/policy) are capped at 20 before exp (verl clamps its log-ratio to
@@ -251,9 +251,10 @@ def _check_input_path(shape, logits, hidden, weight, bias):
 
 # ---------------------------------------------------------------- the pieces (O(tokens))
 def _fused_logprobs_entropy(targets, valid, logits, hidden, weight, bias, cfg, ignore_index, logit_softcap,
-                            backend):
+                            backend, vocab_chunk=None, validate="auto"):
     """One fused-op call -> fp32 ``(logp, H)`` ``[B, T]``; masked positions are ignored by the op."""
-    op_targets = torch.where(valid, targets, torch.full_like(targets, ignore_index))
+    wide = widen_targets(targets).view(targets.shape)  # widen first: a narrow dtype cannot hold ignore_index
+    op_targets = torch.where(valid, wide, torch.full_like(wide, ignore_index))
     if logits is not None:
         if logit_softcap is not None:
             raise ValueError("logit_softcap is supported on the hidden-state path only; "
@@ -261,12 +262,13 @@ def _fused_logprobs_entropy(targets, valid, logits, hidden, weight, bias, cfg, i
         from .token_ops import token_logprobs_and_entropy
 
         return token_logprobs_and_entropy(logits, op_targets, temperature=cfg.temperature,
-                                          ignore_index=ignore_index, backend=backend)
+                                          ignore_index=ignore_index, backend=backend, validate=validate)
     from .linear_ops import linear_logprobs_and_entropy
 
     return linear_logprobs_and_entropy(hidden, weight, op_targets, bias=bias, temperature=cfg.temperature,
                                        ignore_index=ignore_index, return_entropy=True,
-                                       logit_softcap=logit_softcap, backend=backend)
+                                       logit_softcap=logit_softcap, backend=backend, vocab_chunk=vocab_chunk,
+                                       validate=validate)
 
 
 def _top_entropy_keep(H: torch.Tensor, valid: torch.Tensor, rho: float) -> torch.Tensor:
@@ -295,23 +297,32 @@ def _aggregation_weights(valid: torch.Tensor, cfg: PolicyLossConfig) -> torch.Te
     return m / (float(const) * n_seq)
 
 
-def _loss_from_token_stats(logp, H, valid, advantages, old_logprobs, ref_logprobs, cfg: PolicyLossConfig):
-    """The loss and metrics from fp32 ``logp``/``H`` ``[B, T]`` (0 on masked tokens); O(tokens)."""
+def _constants(lp, valid, advantages, old_logprobs, ref_logprobs):
+    """Detached fp32 ``(old, adv, ref)`` shaped like ``lp`` (the detached log-probs), sanitized so that masked
+    positions (any value there, even -inf) give ratio 1 and KL 0. ``advantages`` per response (one dim
+    fewer than ``lp``) are broadcast over the tokens."""
     f32 = torch.float32
-    zero = torch.zeros((), dtype=f32, device=logp.device)
-    logp = torch.where(valid, logp, zero)
-    H = torch.where(valid, H, zero)
-    lp = logp.detach()
-    # Constants, sanitized so that masked positions (any value there, even -inf) give ratio 1 and KL 0.
+    zero = torch.zeros((), dtype=f32, device=lp.device)
     old = lp if old_logprobs is None else torch.where(valid, old_logprobs.detach().to(f32), lp)
     adv = advantages.detach().to(f32)
-    adv = torch.where(valid, adv.unsqueeze(-1) if adv.dim() == 1 else adv, zero)
+    adv = torch.where(valid, adv.unsqueeze(-1) if adv.dim() < lp.dim() else adv, zero)
+    ref = None if ref_logprobs is None else torch.where(valid, ref_logprobs.detach().to(f32), lp)
+    return old, adv, ref
 
+
+def _token_terms(logp, H, valid, keep, old, adv, ref, cfg: PolicyLossConfig):
+    """Per-token ``(l, w, log_ratio, dual_active, kl_ref)`` from ``logp``/``H`` (0 on masked tokens) and the
+    constants of :func:`_constants`; ``keep`` = the tokens whose policy term counts (entropy mask).
+
+    With ``importance_sampling_level="token"`` and ``keep = valid`` every entry depends only on its own
+    token: the one-pass loss (``policy_onepass``) calls this on token chunks."""
+    zero = torch.zeros((), dtype=torch.float32, device=logp.device)
+    lp = logp.detach()
     log_ratio = logp - old
     if cfg.importance_sampling_level == "token":
         log_w = log_ratio
     else:  # GSPO-token: value log s_i on every token, d/d logp_it = 1
-        m = valid.to(f32)
+        m = valid.to(torch.float32)
         seq_log_ratio = (log_ratio.detach() * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
         log_w = seq_log_ratio + (logp - lp)
     w = torch.exp(log_w.clamp(max=LOG_RATIO_CAP))
@@ -323,16 +334,26 @@ def _loss_from_token_stats(logp, H, valid, advantages, old_logprobs, ref_logprob
         pg = torch.where(adv < 0, torch.minimum(pg, dual_bound), pg)
     else:
         dual_active = torch.zeros_like(valid)
-
-    keep = valid if cfg.top_entropy_quantile >= 1.0 else _top_entropy_keep(H, valid, cfg.top_entropy_quantile)
     per_token = torch.where(keep, pg, zero)
     kl_ref = None
-    if ref_logprobs is not None:
-        kl_ref = k3_kl(torch.where(valid, ref_logprobs.detach().to(f32), lp) - logp)
+    if ref is not None:
+        kl_ref = k3_kl(ref - logp)
         if cfg.beta > 0:
             per_token = per_token + cfg.beta * kl_ref
     if cfg.entropy_coef != 0:
         per_token = per_token - cfg.entropy_coef * H
+    return per_token, w, log_ratio, dual_active, kl_ref
+
+
+def _loss_from_token_stats(logp, H, valid, advantages, old_logprobs, ref_logprobs, cfg: PolicyLossConfig):
+    """The loss and metrics from fp32 ``logp``/``H`` ``[B, T]`` (0 on masked tokens); O(tokens)."""
+    f32 = torch.float32
+    zero = torch.zeros((), dtype=f32, device=logp.device)
+    logp = torch.where(valid, logp, zero)
+    H = torch.where(valid, H, zero)
+    old, adv, ref = _constants(logp.detach(), valid, advantages, old_logprobs, ref_logprobs)
+    keep = valid if cfg.top_entropy_quantile >= 1.0 else _top_entropy_keep(H, valid, cfg.top_entropy_quantile)
+    per_token, w, log_ratio, dual_active, kl_ref = _token_terms(logp, H, valid, keep, old, adv, ref, cfg)
     loss = (per_token * _aggregation_weights(valid, cfg)).sum()
 
     with torch.no_grad():
@@ -362,7 +383,9 @@ def _loss_from_token_stats(logp, H, valid, advantages, old_logprobs, ref_logprob
 # ---------------------------------------------------------------- public functional and module
 def policy_loss(*, targets, mask, advantages, logits=None, hidden=None, weight=None, bias=None,
                 old_logprobs=None, ref_logprobs=None, config: PolicyLossConfig | str = "grpo",
-                ignore_index: int = -100, logit_softcap: float | None = None, backend: str = "auto"):
+                ignore_index: int = -100, logit_softcap: float | None = None, backend: str = "auto",
+                one_pass: bool | None = None, token_chunk: int | None = None, vocab_chunk: int | None = None,
+                validate="auto"):
     """Clipped policy loss (GRPO, DAPO, Dr.GRPO, GSPO, BNPO) with one fused vocab pass each way.
 
     Args:
@@ -379,6 +402,19 @@ def policy_loss(*, targets, mask, advantages, logits=None, hidden=None, weight=N
         ignore_index: the id the fused op skips; must lie outside ``[0, V)``.
         logit_softcap: ``c * tanh(z / c)`` inside the fused op (hidden-state path only).
         backend: ``"auto"`` | ``"triton"`` | ``"torch"``, passed to the fused op.
+        one_pass: hidden-state path only. ``None`` (default): the one-pass loss whenever the config
+            allows it and a gradient is needed, else the two-pass form; ``True``: one-pass (``ValueError``
+            when the config does not allow it, or on the logits path); ``False``: two-pass. One-pass
+            forms ``d loss / d hidden, weight, bias`` during the forward, per token chunk (``6 N D V``
+            FLOPs instead of ``8 N D V``; ``entropy_ops.policy_onepass``). It needs every token's
+            gradient to depend only on that token's ``logp``, ``H`` and constants: a token-level ratio
+            (not GSPO's sequence ratio) and no entropy mask (``top_entropy_quantile = 1``); other
+            configurations fall back to two passes automatically. Values, metrics and gradients are
+            those of the two-pass form (up to fp32 summation order). Its memory: the module docstring
+            of ``policy_onepass`` (a ``[token_chunk, V]`` workspace).
+        token_chunk: one-pass tokens per chunk (``None``: ``min(N, 2 D)`` for 16-bit inputs).
+        vocab_chunk: two-pass vocab columns per chunk of the hidden-state op (its ``vocab_chunk``).
+        validate: the fused op's data-reading checks (``True`` / ``False`` / ``"auto"``: CPU only).
 
     Returns:
         ``(loss, metrics)``: ``loss`` a 0-dim fp32 tensor (formula in the module docstring);
@@ -389,10 +425,36 @@ def policy_loss(*, targets, mask, advantages, logits=None, hidden=None, weight=N
     """
     cfg = _resolve_config(config)
     valid = _check_inputs(targets, mask, advantages, logits, hidden, weight, bias, old_logprobs, ref_logprobs, cfg)
+    if _use_one_pass(one_pass, cfg, logits, hidden, weight, bias):
+        from .policy_onepass import one_pass_policy_loss
+
+        return one_pass_policy_loss(targets, valid, advantages, hidden, weight, bias, old_logprobs, ref_logprobs, cfg,
+                                    ignore_index=ignore_index, logit_softcap=logit_softcap, backend=backend,
+                                    token_chunk=token_chunk, validate=validate)
     logp, H = _fused_logprobs_entropy(targets, valid, logits, hidden, weight, bias, cfg, ignore_index,
-                                      logit_softcap, backend)
+                                      logit_softcap, backend, vocab_chunk, validate)
     return _loss_from_token_stats(logp.view(targets.shape), H.view(targets.shape), valid, advantages,
                                   old_logprobs, ref_logprobs, cfg)
+
+
+def _use_one_pass(one_pass, cfg: PolicyLossConfig, logits, hidden, weight, bias) -> bool:
+    """Resolve ``policy_loss``'s ``one_pass`` (see its docstring)."""
+    from .policy_onepass import one_pass_eligible
+
+    if one_pass is not None and not isinstance(one_pass, bool):
+        raise TypeError(f"one_pass must be None, True or False, got {type(one_pass).__name__}")
+    if one_pass is False:
+        return False
+    if one_pass is True:
+        if logits is not None:
+            raise ValueError("one_pass=True needs the hidden-state path (hidden + weight), got logits")
+        if not one_pass_eligible(cfg):
+            raise ValueError("one_pass=True needs importance_sampling_level='token' and top_entropy_quantile=1.0 "
+                             f"(got {cfg.importance_sampling_level!r}, {cfg.top_entropy_quantile}): a sequence "
+                             "ratio or the entropy mask's quantile needs every token before any gradient")
+        return True
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    return logits is None and needs_grad and one_pass_eligible(cfg)
 
 
 def policy_loss_from_logprobs(logp, entropy, *, mask, advantages, old_logprobs=None, ref_logprobs=None,

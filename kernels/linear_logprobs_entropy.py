@@ -211,7 +211,7 @@ def _linear_stats_merge(
     entropy_ptr,  # [rows] fp32 out when FINAL (0 for ignored rows)
     stats_ptr,  # [3, rows] fp32 out when FINAL, every row: m, log S, H (saved for backward)
     # shapes
-    n_rows, n_tiles,
+    n_rows, n_tiles, V,
     # strides
     stride_part_stat, stride_part_tile,
     # scalars
@@ -220,7 +220,10 @@ def _linear_stats_merge(
     BLOCK: tl.constexpr, FINAL: tl.constexpr,
 ):
     """One program = ``BLOCK`` rows: fold the ``n_tiles`` partials into the running statistics in tile
-    order (deterministic); when ``FINAL``, ``H = log S - T / S`` and ``logp = (s_y - m) - log S``."""
+    order (deterministic); when ``FINAL``, ``H = log S - T / S`` and ``logp = (s_y - m) - log S``.
+
+    Guard (no host-side range check needed): a kept row whose target lies outside ``[0, V)`` gets NaN
+    ``logp``, ``H`` and ``m`` (so its backward ``dz`` is NaN too); its ``s_y`` was never written."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_rows = rows < n_rows
     run = run_ptr + rows
@@ -238,7 +241,10 @@ def _linear_stats_merge(
         target = tl.load(targets_ptr + rows, mask=in_rows, other=ignore_index)
         keep = in_rows & (target != ignore_index)
         log_S, H = finalize_stats(m, S, T)
-        s_y = tl.load(s_y_ptr + rows, mask=keep, other=0.0)
+        bad = keep & ((target < 0) | (target >= V))
+        m = tl.where(bad, float("nan"), m)
+        H = tl.where(bad, float("nan"), H)
+        s_y = tl.load(s_y_ptr + rows, mask=keep & ~bad, other=0.0)
         tl.store(logp_ptr + rows, tl.where(keep, target_logprob(s_y, m, log_S), 0.0), mask=in_rows)
         tl.store(entropy_ptr + rows, tl.where(keep, H, 0.0), mask=in_rows)
         row_stats = stats_ptr + rows  # planes n_rows apart; pointer steps, no int32 product
@@ -424,7 +430,7 @@ def compile_specs() -> list[LaunchSpec]:
     for final in (False, True):
         args = dict(part_ptr=Pointer("fp32"), run_ptr=Pointer("fp32"), s_y_ptr=Pointer("fp32"),
                     targets_ptr=Pointer("i64"), logp_ptr=Pointer("fp32"), entropy_ptr=Pointer("fp32"),
-                    stats_ptr=Pointer("fp32"), n_rows=n, n_tiles=vc // 128, stride_part_stat=(vc // 128) * n,
+                    stats_ptr=Pointer("fp32"), n_rows=n, n_tiles=vc // 128, V=v, stride_part_stat=(vc // 128) * n,
                     stride_part_tile=n, ignore_index=-100, BLOCK=MERGE_BLOCK, FINAL=final)
         specs.append(LaunchSpec(_linear_stats_merge, args, MERGE_WARPS, 1, "merge" + (" final" if final else "")))
     return specs
