@@ -155,7 +155,7 @@ def test_ctrl_c_evaluates_prints_resume_command_and_resume_appends(tmp_path, cap
     monkeypatch.setattr(Trainer, "train_step", original_step)
     out = capsys.readouterr()
     assert "\r" not in out.out + out.err  # not a terminal: no progress-bar redraws
-    assert "held-out after: {'step': 1," in out.out  # evaluated at the stop, not step 0 again
+    assert "held-out after (step 1): greedy_correct=" in out.out  # evaluated at the stop, not step 0 again
     (command,) = [line.split("continue with: ", 1)[1] for line in out.out.splitlines() if "continue with: " in line]
     resume_argv = shlex.split(command)
     assert resume_argv[0] == "entropy-ops" and resume_argv[-3:] == ["--output-dir", run, "--resume"]
@@ -186,7 +186,7 @@ def test_ctrl_c_evaluates_prints_resume_command_and_resume_appends(tmp_path, cap
     assert len(read_metrics(log, raw=True)) == len(rows) + 1
     (ckpt,) = [p for _, p in list_checkpoints(run)]
     assert json.load(open(os.path.join(ckpt, INFO_FILE))) == {"step": 2, "run_id": run_id}
-    assert "held-out after: {'step': 2," in out and "continue with" not in out
+    assert "held-out after (step 2): greedy_correct=" in out and "continue with" not in out
 
 
 def test_resume_command_replaces_output_and_run_flags():

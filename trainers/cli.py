@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"held-out {label}: not evaluated at step {summary['steps']} (the last evaluation ran at "
                   f"step {ev['step']})")
         elif ev:
-            shown = {k: round(v, 4) for k, v in ev.items() if k.startswith("eval/") and "correct" in k or k == "step"}
-            print(f"held-out {label}: {shown}")
+            shown = "  ".join(f"{k.removeprefix('eval/')}={v:.4g}" for k, v in ev.items()
+                              if k.startswith("eval/") and "correct" in k and isinstance(v, (int, float)))
+            print(f"held-out {label} (step {ev['step']}): {shown}")
     if "world_size" in summary and trainer.fsdp is not None:
         print(f"fully sharded (FSDP2): {summary['world_size']} processes, each holding 1/{summary['world_size']} "
               "of the parameters, gradients and optimizer state")
