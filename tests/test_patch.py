@@ -267,3 +267,15 @@ def test_every_label_ignored_gives_nan_like_transformers():
     stock = model(input_ids=input_ids, labels=labels).loss
     entropy_ops.patch(model)
     assert torch.isnan(stock) and torch.isnan(model(input_ids=input_ids, labels=labels).loss)
+
+
+def test_docs_code_blocks_run_as_written():
+    """docs/integrations.md opens with the one-line patch; every python block there runs as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "integrations.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 2 and "entropy_ops.patch(" in blocks[0]
+    for block in blocks:
+        exec(compile(block, "docs/integrations.md", "exec"), {})
