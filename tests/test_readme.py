@@ -1,4 +1,5 @@
-"""The README runs as written: every ```python block executes on a CPU, and its commands match CI.
+"""The README runs as written: every ```python block executes on a CPU, every `entropy-ops` line parses,
+and its commands match CI.
 
 A block that is not meant to run here (a CUDA-only example, say) is marked on the line just before its
 fence with ``<!-- not run by tests/test_readme.py: REASON -->``; marks are few and carry a reason.
@@ -79,3 +80,24 @@ def test_no_file_cites_the_math_outside_the_repository():
                     if "ALGORITHMS.md" in open(path, encoding="utf-8").read():
                         offenders.append(os.path.relpath(path, ROOT))
     assert not offenders, f"cite docs/math.md instead of ALGORITHMS.md in {offenders}"
+
+
+def test_cli_examples_parse(capsys):
+    """Every ``entropy-ops`` line of the README's shell blocks names real commands, flags and config keys."""
+    import shlex
+
+    from entropy_ops.trainers import compare, generate
+    from entropy_ops.trainers.cli import main
+
+    lines = [line.split("#")[0].strip() for _, code, _ in code_blocks(README, "bash") for line in code.splitlines()]
+    commands = [shlex.split(line)[1:] for line in lines if line.startswith("entropy-ops ")]
+    assert {c[0] for c in commands} >= {"train", "compare", "generate"}
+    for argv in commands:
+        if argv[0] == "train":  # resolves and validates the whole config, loads nothing
+            assert main([*argv, "--print-config"]) == 0, argv
+        elif argv[0] == "compare":
+            args, overrides = compare.build_parser().parse_known_args(argv[1:])
+            assert all(o.startswith("--") and "=" in o for o in overrides), argv
+        else:
+            generate.build_parser().parse_args(argv[1:])
+    capsys.readouterr()
