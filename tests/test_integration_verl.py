@@ -241,21 +241,20 @@ def test_forward_for_ppo_per_token_temperature():
         everl.forward_for_ppo(capped, input_ids=input_ids, position_ids=position_ids, temperature=t)
 
 
-def test_forward_for_ppo_vision_language_model():
-    """A vision-language model with an image: the model's own forward runs (verl's fused forward would
-    call the text body alone), the output layer is never called."""
-    from test_patch import IMAGE_TOKEN, make_vlm
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_forward_for_ppo_vision_language_model(family):
+    """Vision-language models with images: the model's own forward runs (verl's fused forward would call
+    the text body alone, except for the few families it special-cases), the output layer is never called."""
+    from test_patch import make_inputs, make_model
 
-    model = make_vlm(13).float()
-    g = torch.Generator().manual_seed(13)
-    input_ids = torch.randint(2, IMAGE_TOKEN, (1, 12), generator=g)
-    input_ids[0, 2:6] = IMAGE_TOKEN
-    pixel_values = torch.randn(1, 3, 8, 8, generator=g)
+    model = make_model(family, 13).float()
+    input_ids, _, extra = make_inputs(model, family, 13)
+    extra = {k: v.float() if v.is_floating_point() else v for k, v in extra.items()}
     calls = []
-    logits = model(input_ids=input_ids, pixel_values=pixel_values).logits.double()
+    logits = model(input_ids=input_ids, **extra).logits.double()
     model.lm_head.register_forward_hook(lambda *a: calls.append(1))
-    out = everl.forward_for_ppo(model, input_ids=input_ids, pixel_values=pixel_values, temperature=0.9,
-                                return_dict=True, use_cache=False)
+    out = everl.forward_for_ppo(model, input_ids=input_ids, **extra, temperature=0.9, return_dict=True,
+                                use_cache=False)
     ref_logp, ref_H = logprobs_entropy_reference(logits / 0.9, torch.roll(input_ids, -1, -1))
     assert calls == []
     assert_close(out.log_probs, ref_logp, 1e-5, "log_probs (VLM)")
