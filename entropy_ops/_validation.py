@@ -18,6 +18,7 @@ Two kinds of checks:
                       whose scaled logits overflow fp32) gives NaN. NaN is never silently
                       replaced by a number, so a training loss shows it.
 """
+import functools
 import math
 
 import torch
@@ -199,3 +200,47 @@ def check_accumulator(name: str, out, shape, dtype: torch.dtype, device: torch.d
         raise ValueError(f"{name} must be on {device}, got {out.device}")
     if contiguous and not out.is_contiguous():
         raise ValueError(f"{name} must be contiguous (the kernel adds into it row-major), got strides {out.stride()}")
+
+
+_SECOND_ORDER_MESSAGE = (
+    "{name} has no second derivative: its backward is first-order only. A gradient taken with "
+    "create_graph=True cannot be differentiated again (the second-order terms would be silently zero)"
+)
+
+
+def first_order_only(name: str):
+    """Decorator for ``autograd.Function.backward``: run it without a graph, and refuse double backward.
+
+    Like ``torch.autograd.function.once_differentiable``, but also when the upstream gradients do
+    not require grad: under ``create_graph=True`` every returned gradient gets a node that raises
+    ``RuntimeError`` (naming ``name``) as soon as anything differentiates through it, instead of
+    a gradient with no graph whose second-order terms are silently missing. Plain backward and
+    first-order ``create_graph=True`` uses that never differentiate the gradient are unaffected.
+    """
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            with torch.no_grad():
+                outputs = backward(ctx, *grad_outputs)
+            if not torch.is_grad_enabled():
+                return outputs
+            single = not isinstance(outputs, tuple)
+            outputs = (outputs,) if single else outputs
+            # The refusing node must lie on a path to the inputs, or autograd.grad(..., inputs) prunes it:
+            # it takes the saved tensors that require grad (the op's inputs) as extra inputs.
+            anchors = tuple(t for t in ctx.saved_tensors if isinstance(t, torch.Tensor) and t.requires_grad)
+            guarded = tuple(_refuse_second_order(o, anchors, name) if isinstance(o, torch.Tensor) else o
+                            for o in outputs)
+            return guarded[0] if single else guarded
+        return wrapper
+    return decorate
+
+
+def _refuse_second_order(grad: torch.Tensor, anchors: tuple, name: str) -> torch.Tensor:
+    from torch._C import _functions  # the node once_differentiable uses to raise on differentiation
+
+    alias = grad.detach()
+    alias.requires_grad_(True)
+    err = _functions.DelayedError(_SECOND_ORDER_MESSAGE.format(name=name).encode(), 1 + len(anchors))
+    out = err(alias, *anchors)
+    return out[0] if isinstance(out, tuple) else out

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 import triton
-from torch.autograd.function import once_differentiable
 
 from . import softmax_stats
 from .softmax_stats import RowStats
@@ -31,6 +30,7 @@ from ._layout import as_rows3d, may_overlap
 from ._validation import (
     check_finite_rows,
     check_float_tensor,
+    first_order_only,
     check_targets,
     check_temperature,
     value_checks_enabled,
@@ -152,6 +152,7 @@ def token_forward_torch(logits3d: torch.Tensor, targets: torch.Tensor, params: T
         z_y = z.gather(1, safe_targets[sl].unsqueeze(1)).view(-1).to(out_dtype) * params.inv_tau
         stats = softmax_stats.block_stats_(softmax_stats.scaled_block(z, params.inv_tau))
         m[sl], log_S[sl], H[sl], logp[sl] = stats.m, stats.log_S, stats.H, stats.logprob(z_y)
+    H.masked_fill_(torch.isneginf(log_S), float("nan"))  # no finite logit: no entropy (as the kernel)
     for t in (logp, H, m, log_S):  # ignored rows: 0 for every output; guarded rows: NaN
         t.masked_fill_(keep & ~ok, float("nan")).masked_fill_(~keep, 0.0)
     return logp, H, m, log_S
@@ -194,8 +195,8 @@ def token_backward_torch(logits3d, targets, stats: RowStats, g_logp, g_H, params
 class TokenLogprobsEntropy(torch.autograd.Function):
     """``(logits [..., V], targets [...]) -> (logp [...], H [...])``, fp32; see the module docstring.
 
-    First-order only: ``backward`` is ``once_differentiable``, so a second derivative through it
-    (``create_graph=True`` then another ``grad``) raises instead of returning silent zeros.
+    First-order only (``first_order_only``): a second derivative through it (``create_graph=True``
+    then another ``grad``) raises ``RuntimeError`` instead of returning silent zeros.
     """
 
     @staticmethod
@@ -213,7 +214,7 @@ class TokenLogprobsEntropy(torch.autograd.Function):
         return logp.view(lead), H.view(lead)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("token_logprobs_and_entropy")
     def backward(ctx, grad_logp, grad_H):
         logits, flat_targets, m, log_S, H = ctx.saved_tensors
         params: TokenOpParams = ctx.params

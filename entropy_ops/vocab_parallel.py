@@ -39,7 +39,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from . import softmax_stats
 from ._dispatch import resolve_backend
@@ -47,6 +46,7 @@ from ._layout import as_rows3d
 from ._validation import (
     check_finite_rows,
     check_float_tensor,
+    first_order_only,
     check_lm_head,
     check_softcap,
     check_targets,
@@ -223,7 +223,7 @@ class VocabParallelTokenLogprobsEntropy(torch.autograd.Function):
         return logp.view(lead), H.view(lead)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("vocab_parallel_logprobs_and_entropy")
     def backward(ctx, grad_logp, grad_H):
         logits_shard, bwd_t, saved = ctx.saved_tensors
         op: TokenOpParams = ctx.params.op
@@ -260,7 +260,7 @@ class VocabParallelLinearLogprobsEntropy(torch.autograd.Function):
         return logp.view(lead), H.view(lead)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("vocab_parallel_linear_logprobs_and_entropy")
     def backward(ctx, grad_logp, grad_H):
         hidden, weight, bias, bwd_t, saved = ctx.saved_tensors
         params: VocabParallelParams = ctx.params

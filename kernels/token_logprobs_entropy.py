@@ -239,7 +239,7 @@ def _token_logprobs_entropy_bwd(
             tl.store(dz_ptr + dz_offs, dz.to(out_ty))
         else:
             in_row = start + cols < V
-            z = tl.load(z_ptr + z_offs, mask=in_row, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + z_offs, mask=in_row, other=float("-inf")).to(tl.float32)
             dz = _grad_block(z, m, log_S, H, g_logp, g_H, inv_tau, HAS_GRAD_ENTROPY)
             tl.store(dz_ptr + dz_offs, dz.to(out_ty), mask=in_row)
         if HAS_GRAD_LOGP:
