@@ -40,6 +40,9 @@ BASE = dict(model="tiny-arith", dataset="arithmetic", arithmetic_digits=2, algo=
             eval_every=0, save_every=0, learning_rate=1e-3, max_grad_norm=0.05, seed=5, device="cpu",
             dtype="float32", plot=False, torch_threads=1, temperature=1.0)
 LR = BASE["learning_rate"]
+# Fixed-batch scenarios: the plain policy loss; with a KL term to the (unsharded, frozen) reference
+# model; an algorithm's own loss (EM-FT), which scores inside the loss (a nested call into the root).
+SCENARIOS = {"grpo": {}, "grpo-kl": {"loss": {"beta": 0.04}}, "em-ft": {"algo": "em-ft"}}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -67,14 +70,16 @@ def _fixed_batch(trainer, rollout):
                         completion_mask=rollout.completion_mask, old_logprobs=old_logp, old_entropy=old_H)
 
 
-def _two_updates(trainer, rollout, adv):
-    """Two optimizer steps on the same batch (the second with AdamW state): their metrics and gradients."""
+def _two_updates(trainer, rollout, adv) -> dict:
+    """Two optimizer steps on the same batch (the second with AdamW state): metrics, gradients, parameters."""
     batch = _fixed_batch(trainer, rollout)
+    ref_logp = None if trainer.ref_model is None else trainer.score(trainer.ref_model, rollout, entropy=False)[0]
     metrics, grads = [], []
     for _ in range(2):
-        metrics.append(trainer.update(rollout, batch, adv, None))
+        metrics.append(trainer.update(rollout, batch, adv, ref_logp))
         grads.append({n: _full(p.grad).clone() for n, p in trainer.model.named_parameters()})
-    return metrics, grads
+    params = {n: _full(p).detach().clone() for n, p in trainer.model.named_parameters()}
+    return {"metrics": metrics, "grads": grads, "params": params}
 
 
 def _full(t):
@@ -89,15 +94,17 @@ def _worker(rank, world, port, tmp, rollout_path, results):
     torch.set_num_threads(1)
     from torch.distributed.tensor import DTensor
 
-    out = {}
-    # 1. a fixed batch, two updates
-    trainer = Trainer(_config(os.path.join(tmp, f"update{rank}"), parallelism="fsdp"))
+    out = {"updates": {}}
+    # 1. a fixed batch, two updates, per scenario
     rollout, adv = torch.load(rollout_path, weights_only=False)
-    k = trainer.config.num_prompts // world * trainer.config.group_size
+    k = BASE["num_prompts"] // world * BASE["group_size"]
     rows = torch.arange(rank * k, (rank + 1) * k)
-    out["metrics"], out["grads"] = _two_updates(trainer, rollout.select(rows), adv[rows])
+    for name, overrides in SCENARIOS.items():
+        trainer = Trainer(_config(os.path.join(tmp, f"{name}-{rank}"), parallelism="fsdp", **overrides))
+        out["updates"][name] = _two_updates(trainer, rollout.select(rows), adv[rows])
+    trainer = Trainer(_config(os.path.join(tmp, f"shards-{rank}"), parallelism="fsdp"))
+    _two_updates(trainer, rollout.select(rows), adv[rows])
     params = dict(trainer.model.named_parameters())
-    out["params"] = {n: _full(p).detach().clone() for n, p in params.items()}
     out["local_numel"] = {n: p.to_local().numel() for n, p in params.items() if isinstance(p, DTensor)}
     out["grad_local_numel"] = {n: p.grad.to_local().numel() for n, p in params.items()
                                if isinstance(p.grad, DTensor)}
@@ -124,38 +131,43 @@ def runs(tmp_path_factory):
     adv = torch.randn(len(rollout.completions))
     torch.save((rollout, adv), tmp / "rollout.pt")
     initial_params = {n: p.detach().clone() for n, p in single.model.named_parameters()}
-    ref_metrics, ref_grads = _two_updates(single, rollout, adv)
-    ref_params = {n: p.detach().clone() for n, p in single.model.named_parameters()}
+    refs = {name: _two_updates(Trainer(_config(tmp / f"single-{name}", **overrides)), rollout, adv)
+            for name, overrides in SCENARIOS.items()}
     results = tmp / "results"
     results.mkdir()
     mp.start_processes(_worker, args=(2, _free_port(), str(tmp), str(tmp / "rollout.pt"), str(results)),
                        nprocs=2, join=True, start_method="spawn")
     ranks = [torch.load(results / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    return {"tmp": tmp, "ref_metrics": ref_metrics, "ref_grads": ref_grads, "ref_params": ref_params, "ranks": ranks,
-            "initial_params": initial_params}
+    return {"tmp": tmp, "refs": refs, "ranks": ranks, "initial_params": initial_params}
 
 
-def test_two_steps_equal_single_process(runs):
-    ref_metrics, ref_params = runs["ref_metrics"], runs["ref_params"]
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_two_steps_equal_single_process(runs, scenario):
+    ref = runs["refs"][scenario]
     for rank in runs["ranks"]:
-        for got, ref in zip(rank["metrics"], ref_metrics):
-            assert got["grad_norm"] > BASE["max_grad_norm"]  # clipping was active on the sharded gradients
+        got = rank["updates"][scenario]
+        for step, (metrics, ref_metrics) in enumerate(zip(got["metrics"], ref["metrics"])):
+            assert metrics["grad_norm"] > BASE["max_grad_norm"]  # clipping was active on the sharded gradients
+            assert metrics.keys() == ref_metrics.keys()
+            # The loss (whose gradient is the step's, KL term included) and the norm; descriptive terms
+            # (mean entropy, KL) are averaged per micro-batch, and the micro-batches differ between the runs.
             for key in ("loss/loss", "grad_norm"):
-                assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), key
-        for step, ref_grads in enumerate(runs["ref_grads"]):
-            for name, ref in ref_grads.items():  # the summed sharded gradient, gathered
-                scale = ref.abs().max().clamp_min(1e-12)
-                assert float((rank["grads"][step][name] - ref).abs().max() / scale) < 1e-5, (step, name)
-        for name, ref in ref_params.items():
-            assert_adamw_close(rank["params"][name], ref, [g[name] for g in runs["ref_grads"]], LR, name)
-    for name in ref_params:  # both ranks gather the same model
-        assert torch.equal(runs["ranks"][0]["params"][name], runs["ranks"][1]["params"][name]), name
+                assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5, abs=1e-7), (step, key)
+        for step, ref_grads in enumerate(ref["grads"]):
+            for name, g in ref_grads.items():  # the summed sharded gradient, gathered
+                scale = g.abs().max().clamp_min(1e-12)
+                assert float((got["grads"][step][name] - g).abs().max() / scale) < 1e-5, (step, name)
+        for name, p in ref["params"].items():
+            assert_adamw_close(got["params"][name], p, [g[name] for g in ref["grads"]], LR, name)
+    for name in ref["params"]:  # both ranks gather the same model
+        assert torch.equal(runs["ranks"][0]["updates"][scenario]["params"][name],
+                           runs["ranks"][1]["updates"][scenario]["params"][name]), name
     # the steps moved every parameter tensor (by about lr per step): a real update, not a no-op
-    assert all(not torch.equal(p, runs["initial_params"][n]) for n, p in runs["ranks"][0]["params"].items())
+    assert all(not torch.equal(p, runs["initial_params"][n]) for n, p in ref["params"].items())
 
 
 def test_parameters_gradients_and_adam_states_are_sharded(runs):
-    ref_params = runs["ref_params"]
+    ref_params = runs["refs"]["grpo"]["params"]
     for rank in runs["ranks"]:
         assert set(rank["local_numel"]) == set(ref_params)  # every parameter is a DTensor
         assert set(rank["grad_local_numel"]) == set(ref_params)
