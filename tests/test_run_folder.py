@@ -5,9 +5,9 @@
   every file byte for byte; --overwrite moves the old run aside (nothing deleted) and the new
   run's own checkpoint survives pruning;
 - pruning deletes only the current run's checkpoints, never another run's (nor same-step ones);
-- Ctrl-C: the checkpoint is saved, the held-out set is evaluated at the stop, the resume command is
-  printed; running it prints the checkpoint it starts from, appends to metrics.jsonl (never
-  truncated) and keeps the run id;
+- Ctrl-C: the checkpoint is saved, the held-out set is evaluated at the stop (a second Ctrl-C skips
+  that, and the summary says no evaluation ran), the resume command is printed; running it prints
+  the checkpoint it starts from, appends to metrics.jsonl (never truncated) and keeps the run id;
 - one-line errors before loading: an output folder that cannot be created, a missing
   ``generate --model`` path, a Hub name with no network (seconds, not retries);
 - output to a file (not a terminal) has no progress-bar redraws; the per-step line shows reward,
@@ -187,6 +187,29 @@ def test_ctrl_c_evaluates_prints_resume_command_and_resume_appends(tmp_path, cap
     (ckpt,) = [p for _, p in list_checkpoints(run)]
     assert json.load(open(os.path.join(ckpt, INFO_FILE))) == {"step": 2, "run_id": run_id}
     assert "held-out after (step 2): greedy_correct=" in out and "continue with" not in out
+
+
+def test_second_ctrl_c_skips_the_evaluation_at_the_stop_and_says_so(tmp_path, capsys, monkeypatch):
+    run = str(tmp_path / "run")
+    original_step, original_evaluate = Trainer.train_step, Trainer.evaluate
+
+    def step_then_interrupt(self):
+        metrics = original_step(self)
+        os.kill(os.getpid(), signal.SIGINT)
+        return metrics
+
+    def evaluate_or_second_ctrl_c(self):
+        if self.step > 0:  # the evaluation at the stop: the user presses Ctrl-C again
+            raise KeyboardInterrupt
+        return original_evaluate(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    monkeypatch.setattr(Trainer, "evaluate", evaluate_or_second_ctrl_c)
+    assert main(["train", "--output-dir", run, "--max-steps", "3", *SMALL, "--plot=false"]) == 130
+    out = capsys.readouterr().out
+    assert "held-out after: not evaluated at step 1 (the last evaluation ran at step 0)" in out
+    assert "held-out evaluation at the stop skipped" in out and "continue with: " in out
+    assert [s for s, _ in list_checkpoints(run)] == [1]  # the checkpoint was saved before the evaluation
 
 
 def test_resume_command_replaces_output_and_run_flags():
