@@ -46,12 +46,12 @@ def zero_reward(completions, **_):
     return [0.0] * len(completions)
 
 
-def make_trainer(cls, setup, *, fused_backend=None, **config):
+def make_trainer(cls, setup, *, fused_backend=None, fused=None, **config):
     tokenizer, model, dataset = setup
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, num_generations=4,
                       max_completion_length=C + 3, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
                       gradient_checkpointing=False, **config)
-    extra = {} if fused_backend is None else dict(fused_backend=fused_backend)
+    extra = dict(fused or {}, **({} if fused_backend is None else dict(fused_backend=fused_backend)))
     trainer = cls(model=copy.deepcopy(model), reward_funcs=zero_reward, args=args, train_dataset=dataset,
                   processing_class=tokenizer, **extra)
     trainer.current_gradient_accumulation_steps = 2  # set by train(); the normalizers read it
@@ -131,11 +131,13 @@ def assert_same_metrics(ours, reference):
             assert (math.isnan(g) and math.isnan(w)) or abs(g - w) <= REL * (abs(w) + 1e-3), (name, g, w)
 
 
-def compare(setup, seed, inputs_kwargs=None, *, use_vllm=False, fused_backend=None, calls=1, **config):
-    """Stock TRL and FusedGRPOTrainer on the same batch: loss, gradients and logged metrics (``calls`` times)."""
+def compare(setup, seed, inputs_kwargs=None, *, use_vllm=False, fused_backend=None, fused=None, calls=1, **config):
+    """Stock TRL and FusedGRPOTrainer on the same batch: loss, gradients and logged metrics (``calls`` times).
+    ``fused``: FusedGRPOTrainer's own arguments (e.g. ``fused_one_pass``)."""
     reference = make_trainer(GRPOTrainer, setup, **config)
-    ours = make_trainer(fused_trl.FusedGRPOTrainer, setup, fused_backend=fused_backend, **config)
+    ours = make_trainer(fused_trl.FusedGRPOTrainer, setup, fused_backend=fused_backend, fused=fused, **config)
     assert ours.fused_plan.path == "fused"
+    assert ours.fused_plan.one_pass == bool((fused or {}).get("fused_one_pass"))
     for trainer in (reference, ours):  # vLLM cannot run here: TRL's loss reads these two attributes
         trainer.use_vllm = use_vllm
     inputs = make_inputs(reference, seed, **(inputs_kwargs or {}))

@@ -36,6 +36,7 @@ from trl.trainer.utils import FusedCausalLMOutput
 from ..output_head import capture_head, head_logprobs_and_entropy, output_head
 from .hf import scatter_rows
 from .trl_compute import fused_grpo_loss
+from .trl_onepass import one_pass_head
 from .trl_plan import FusedFallbackWarning, FusedGRPOPlan, head_reason, plan_fused_grpo, zero3_reason
 
 __all__ = ["add_fused_lm_head", "FusedGRPOTrainer", "FusedFallbackWarning", "FusedGRPOPlan", "plan_fused_grpo"]
@@ -43,7 +44,7 @@ OUTPUT_FIELDS = ("log_probs", "entropy")
 
 
 def add_fused_lm_head(model, *, temperature: float = 1.0, outputs=("log_probs",), cast_lm_head_to_fp32=False,
-                      backend: str = "auto") -> None:
+                      backend: str = "auto", token_chunk: int | None = None) -> None:
     """Patch ``model.forward`` so that ``model(..., labels=..., fused_lm_head=True)`` runs entropy-ops.
 
     Same calling convention as TRL's ``trl.trainer.utils.add_fused_lm_head``: ``labels`` ``[B, T]``
@@ -55,6 +56,11 @@ def add_fused_lm_head(model, *, temperature: float = 1.0, outputs=("log_probs",)
     previous forward runs unchanged (generation is untouched). The model's output layer must be one
     :func:`entropy_ops.output_head.output_head` reads (checked here and, against the model's own
     logit post-processing, at each fused call); ``temperature`` divides the logits.
+
+    ``fused_token_grads=grad_fn`` (with ``fused_lm_head=True``) runs the one-pass form
+    (:mod:`.trl_onepass`): ``grad_fn(r0, r1, logp, H)`` gives the loss's upstream gradients of the
+    labelled rows ``[r0, r1)`` (row-major); ``log_probs``/``entropy`` come back detached and ``loss``
+    is a 0-valued anchor that carries the gradient formed in the pass (``token_chunk`` rows per chunk).
     """
     unknown = set(outputs) - set(OUTPUT_FIELDS)
     if unknown or "log_probs" not in outputs:
@@ -67,7 +73,7 @@ def add_fused_lm_head(model, *, temperature: float = 1.0, outputs=("log_probs",)
 
     @functools.wraps(type(model).forward)  # keep the signature: generate() validates kwargs against it
     def fused_forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
-                      **kwargs):
+                      fused_token_grads=None, **kwargs):
         if not fused_lm_head:
             extra = dict(labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
             return previous_forward(*args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
@@ -87,9 +93,15 @@ def add_fused_lm_head(model, *, temperature: float = 1.0, outputs=("log_probs",)
         head = _full_head(head)
         labels = labels.to(head.weight.device)
         mask = labels != -100
-        logp, H = head_logprobs_and_entropy(head, hidden[mask.to(hidden.device)], labels[mask],
-                                            temperature=temperature, return_entropy=want_entropy,
-                                            backend=backend, dtype=compute_dtype)
+        rows = hidden[mask.to(hidden.device)]
+        if fused_token_grads is not None:
+            anchor, logp, H = one_pass_head(head, rows, labels[mask], fused_token_grads, temperature=temperature,
+                                            backend=backend, dtype=compute_dtype, token_chunk=token_chunk)
+            return FusedCausalLMOutput(loss=anchor, log_probs=scatter_rows(logp.float(), mask),
+                                       entropy=scatter_rows(H.float(), mask), label_mask=mask,
+                                       aux_loss=outputs.get("aux_loss") if kwargs.get("output_router_logits") else None)
+        logp, H = head_logprobs_and_entropy(head, rows, labels[mask], temperature=temperature,
+                                            return_entropy=want_entropy, backend=backend, dtype=compute_dtype)
         log_probs = scatter_rows(logp, mask)
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -log_probs.sum() / count
@@ -123,13 +135,16 @@ def _refuse_zero3():
 class FusedGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` whose log-probs, entropies and loss come from entropy-ops.
 
-    Takes ``GRPOTrainer``'s arguments plus ``fused_backend`` (``"auto"`` | ``"triton"`` | ``"torch"``)
-    and ``fused_loss`` (default True: the loss on the fused log-probs by entropy-ops; False: TRL's
-    own ``_compute_loss`` on the fused log-probs). ``self.fused_plan`` records the path taken and why.
+    Takes ``GRPOTrainer``'s arguments plus ``fused_backend`` (``"auto"`` | ``"triton"`` | ``"torch"``),
+    ``fused_loss`` (default True: the loss on the fused log-probs by entropy-ops; False: TRL's own
+    ``_compute_loss`` on the fused log-probs) and ``fused_one_pass`` (default False: form the loss's
+    gradient during the forward, :mod:`.trl_onepass`, where the configuration allows it;
+    ``fused_token_chunk`` its rows per chunk). ``self.fused_plan`` records the path taken and why.
     """
 
     def __init__(self, model, reward_funcs=None, args=None, *pos, fused_backend: str = "auto",
-                 fused_loss: bool = True, **kwargs):
+                 fused_loss: bool = True, fused_one_pass: bool = False, fused_token_chunk: int | None = None,
+                 **kwargs):
         if args is None:  # as GRPOTrainer does, so that the plan sees the config TRL will use
             from trl import GRPOConfig
             from trl.trainer.utils import get_config_model_id
@@ -137,6 +152,7 @@ class FusedGRPOTrainer(GRPOTrainer):
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = GRPOConfig(f"{name.split('/')[-1]}-GRPO")
         plan = plan_fused_grpo(args, fused_loss=fused_loss, fused_backend=fused_backend,
+                               fused_one_pass=fused_one_pass, fused_token_chunk=fused_token_chunk,
                                model=None if isinstance(model, str) else model)
         super().__init__(model, reward_funcs, args, *pos, **kwargs)
         if plan.fused_head:  # a model given by name is checked now that TRL has loaded it
@@ -151,7 +167,7 @@ class FusedGRPOTrainer(GRPOTrainer):
         cast = self.args.cast_lm_head_to_fp32
         policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
         add_fused_lm_head(policy, temperature=self.temperature, outputs=OUTPUT_FIELDS, cast_lm_head_to_fp32=cast,
-                          backend=fused_backend)
+                          backend=fused_backend, token_chunk=plan.token_chunk)
         if self.ref_model is not None:
             add_fused_lm_head(self.ref_model, temperature=self.temperature, cast_lm_head_to_fp32=cast,
                               backend=fused_backend)
@@ -159,4 +175,5 @@ class FusedGRPOTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         if not self.fused_plan.fused_loss:
             return super()._compute_loss(model, inputs)
-        return fused_grpo_loss(self, model, inputs, self.fused_plan.surrogate_config)
+        plan = self.fused_plan
+        return fused_grpo_loss(self, model, inputs, plan.surrogate_config, one_pass=plan.one_pass and torch.is_grad_enabled())

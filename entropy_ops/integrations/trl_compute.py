@@ -37,6 +37,9 @@ or per response where the ratio is per response, ``clip_ratio/low_min``, ``clip_
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import torch
 from trl.trainer.utils import nanmax, nanmin
 
@@ -47,85 +50,181 @@ _MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_
                "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
-def fused_grpo_loss(trainer, model, inputs, surrogate_config):
-    """TRL's ``GRPOTrainer._compute_loss`` (loss and logged metrics) on the fused head; module docstring."""
-    args, loss_type = trainer.args, trainer.loss_type
+@dataclasses.dataclass
+class _Constants:
+    """What TRL's per-token loss reads besides ``logp``/``H``: all fixed before the forward, or (two-pass
+    only) computed from its detached outputs (the entropy and off-policy masks, folded into ``factor``).
+
+    ``mask`` ``[B, T]``; ``advantages``/``factor`` ``[B, 1]`` or ``[B, T]``; ``old``/``ref`` ``[B, T]`` or
+    ``None``; ``weights`` ``W`` and ``bonus_weights`` (``e / (max(sum e, 1) g')``, ``None`` without the
+    bonus) ``[B, T]``; ``divisor`` ``g``; ``bonus_coef`` the entropy coefficient to apply."""
+
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    old: torch.Tensor | None
+    ref: torch.Tensor | None
+    factor: torch.Tensor | None
+    is_ratio: torch.Tensor | None
+    weights: torch.Tensor
+    bonus_weights: torch.Tensor | None
+    divisor: float
+    bonus_coef: float
+
+    def token_rows(self, selected: torch.Tensor) -> "_Constants":
+        """The same constants for the tokens ``selected`` (bool ``[B, T]``), flattened row-major, as ``[1, n]``."""
+        shape = selected.shape
+
+        def rows(x):
+            return x if not isinstance(x, torch.Tensor) else x.expand(shape)[selected].unsqueeze(0)
+
+        return _Constants(**{f.name: rows(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def chunk(self, r0: int, r1: int) -> "_Constants":
+        """Columns ``[r0, r1)`` of flattened constants (:meth:`token_rows`)."""
+        return _Constants(**{f.name: (x[:, r0:r1] if isinstance(x, torch.Tensor) else x)
+                             for f in dataclasses.fields(self) for x in (getattr(self, f.name),)})
+
+
+def fused_grpo_loss(trainer, model, inputs, surrogate_config, one_pass=False):
+    """TRL's ``GRPOTrainer._compute_loss`` (loss and logged metrics) on the fused head; module docstring.
+
+    ``one_pass``: the gradient is formed during the forward (:mod:`.trl_onepass`; the plan allows it only
+    for a token-level ratio without the entropy or off-policy mask, not VESPO); batches with
+    vision inputs use two passes.
+    """
     completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
     input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
     attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
     mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-    logp, H, aux_loss = trainer._get_per_token_logps_and_entropies(
-        model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
-        compute_aux_loss=trainer.aux_loss_enabled, **{k: inputs.get(k) for k in _MULTIMODAL})
+    mode = "train" if trainer.model.training else "eval"
+    multimodal = {k: inputs.get(k) for k in _MULTIMODAL}
+    if one_pass and all(v is None for v in multimodal.values()):
+        consts = _constants(trainer, inputs, mask, mode, entropy_mask=None, factor=None)
+        from .trl_onepass import one_pass_logprobs
 
-    entropy_mask = None
-    if trainer.top_entropy_quantile < 1.0:
-        entropy_mask = trainer.get_high_entropy_mask(H, mask, 1 - trainer.top_entropy_quantile)
+        logp, H, aux_loss, anchor = one_pass_logprobs(
+            trainer, model, input_ids, attention_mask, completion_ids.size(1),
+            _chunk_grad_fn(trainer, consts.token_rows(completion_mask.bool()), surrogate_config))
+        entropy_mask = None
+    else:
+        logp, H, aux_loss = trainer._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True,
+            compute_aux_loss=trainer.aux_loss_enabled, **multimodal)
+        anchor = None
+        entropy_mask = None
+        if trainer.top_entropy_quantile < 1.0:
+            entropy_mask = trainer.get_high_entropy_mask(H, mask, 1 - trainer.top_entropy_quantile)
+        factor = None  # the options' 0/1 masks, computed from this forward's (detached) outputs
+        if trainer.off_policy_mask_threshold is not None:
+            old = inputs.get("old_per_token_logps")
+            old = logp.detach() if old is None else old
+            advantages = inputs["advantages"]
+            factor = L.off_policy_sequence_mask(advantages.unsqueeze(1) if advantages.dim() == 1 else advantages,
+                                                logp, inputs.get("sampling_per_token_logps", old), mask,
+                                                trainer.off_policy_mask_threshold)
+        if entropy_mask is not None:
+            factor = _times(factor, entropy_mask)
+        consts = _constants(trainer, inputs, mask, mode, entropy_mask=entropy_mask, factor=factor)
+
+    with torch.no_grad() if anchor is not None else contextlib.nullcontext():
+        loss, policy_loss, per_token_kl, coef, phi = _loss_from_token_stats(trainer, logp, H, consts,
+                                                                             surrogate_config)
+    if anchor is not None:
+        loss = loss + anchor  # value from the pass's log-probs, gradient formed during it
+    if trainer._entropy_bonus_enabled:
+        trainer._metrics[mode]["policy_loss"].append(trainer.accelerator.gather(policy_loss).nanmean().item())
+        if trainer.use_adaptive_entropy and mode == "train":
+            _step_adaptive_entropy(trainer, H.detach(), mask if entropy_mask is None else mask * entropy_mask)
+        if mode == "train" and trainer.accelerator.sync_gradients:
+            trainer._metrics[mode]["entropy_coef"].append(trainer.entropy_coef)
+    accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
+    if trainer.aux_loss_enabled:
+        loss = loss + trainer.router_aux_loss_coef * aux_loss / accumulation
+        trainer._metrics[mode]["aux_loss"].append(trainer.accelerator.gather_for_metrics(aux_loss).mean().item())
+    _log_metrics(trainer, mode, mask, H, per_token_kl, coef, consts.advantages, phi)
+    return loss
+
+
+def _constants(trainer, inputs, mask, mode, *, entropy_mask, factor):
+    """The :class:`_Constants` of this micro-batch (``factor``: the masks computed from the forward, or ``None``)."""
+    loss_type = trainer.loss_type
     advantages = inputs["advantages"]
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
-    old = inputs.get("old_per_token_logps")
-    old = logp.detach() if old is None else old
+    is_ratio = None
+    if loss_type == "vespo":  # VESPO reads the ratio whenever the batch has one, into its weight
+        is_ratio = inputs.get("importance_sampling_ratio")
+    elif _vllm_is_on(trainer):
+        factor = _times(factor, inputs["importance_sampling_ratio"])
+    accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
+    weights = L.trl_aggregation_weights(loss_type, mask, max_completion_length=trainer.max_completion_length,
+                                        global_normalizer=_global_token_normalizer(trainer, inputs, mode))
+    bonus_weights = None
+    if trainer._entropy_bonus_enabled:
+        effective = (mask if entropy_mask is None else mask * entropy_mask).to(torch.float32)
+        bonus_weights = effective / (effective.sum().clamp(min=1.0) * accumulation)
+    return _Constants(
+        mask=mask, advantages=advantages, old=inputs.get("old_per_token_logps"),
+        ref=inputs["ref_per_token_logps"] if trainer.beta != 0.0 else None, factor=factor, is_ratio=is_ratio,
+        weights=weights, bonus_weights=bonus_weights,
+        divisor=1.0 if loss_type in L.GLOBAL_TOKEN_NORMALIZED else accumulation,
+        bonus_coef=_entropy_coef_to_apply(trainer) if trainer._entropy_bonus_enabled else 0.0)
+
+
+def _loss_from_token_stats(trainer, logp, H, k: _Constants, surrogate_config):
+    """``(loss, policy_loss, per_token_kl, coef, phi)``: TRL's loss as a sum of per-token terms with the
+    constant weights ``k`` (``[B, T]``, or flattened ``[1, n]`` token rows with a token-level ratio)."""
+    args, loss_type = trainer.args, trainer.loss_type
+    mask, advantages = k.mask, k.advantages
+    old = logp.detach() if k.old is None else k.old
     log_ratio = logp - old
     if trainer.importance_sampling_level == "token":
         log_w = log_ratio
     else:
         log_w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
     coef = torch.exp(log_w)
-
-    factor = None  # c_it, the product of the options' 0/1 masks and the vLLM ratio
-    if trainer.off_policy_mask_threshold is not None:
-        factor = L.off_policy_sequence_mask(advantages, logp, inputs.get("sampling_per_token_logps", old), mask,
-                                            trainer.off_policy_mask_threshold)
-    if entropy_mask is not None:
-        factor = _times(factor, entropy_mask)
-    if loss_type == "vespo":  # VESPO reads the ratio whenever the batch has one, into its weight
-        is_ratio = inputs.get("importance_sampling_ratio")
-    elif _vllm_is_on(trainer):
-        is_ratio = inputs["importance_sampling_ratio"]
-        factor = _times(factor, is_ratio)
-
-    mode = "train" if trainer.model.training else "eval"
-    accumulation = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
-    weights = L.trl_aggregation_weights(loss_type, mask, max_completion_length=trainer.max_completion_length,
-                                        global_normalizer=_global_token_normalizer(trainer, inputs, mode))
     phi = None
     if loss_type in L.CLIPPED_LOSS_TYPES:
-        loss = _clipped_surrogate(log_w, H, mask, advantages, factor, weights, surrogate_config)
+        loss = _clipped_surrogate(log_w, H, mask, advantages, k.factor, k.weights, surrogate_config)
     else:
         if loss_type == "cispo":
             per_token = L.cispo_token_loss(logp, coef, advantages, trainer.epsilon_high)
         elif loss_type == "sapo":
             per_token = L.sapo_token_loss(coef, advantages, args.sapo_temperature_pos, args.sapo_temperature_neg)
         else:
-            phi = L.vespo_gamma_weights(log_ratio, mask, advantages, is_ratio, k_pos=args.vespo_k_pos,
+            phi = L.vespo_gamma_weights(log_ratio, mask, advantages, k.is_ratio, k_pos=args.vespo_k_pos,
                                         lambda_pos=args.vespo_lambda_pos, k_neg=args.vespo_k_neg,
                                         lambda_neg=args.vespo_lambda_neg)
             per_token = L.vespo_token_loss(logp, phi, advantages)
-        loss = (_times(factor, per_token) * weights).sum()
+        loss = (_times(k.factor, per_token) * k.weights).sum()
     per_token_kl = None
-    if trainer.beta != 0.0:
-        per_token_kl = k3_kl(inputs["ref_per_token_logps"] - logp)
+    if k.ref is not None:
+        per_token_kl = k3_kl(k.ref - logp)
         if args.use_bias_correction_kl:
             per_token_kl = per_token_kl * coef
-        loss = loss + (trainer.beta * per_token_kl * weights).sum()
+        loss = loss + (trainer.beta * per_token_kl * k.weights).sum()
     policy_loss = loss.detach()
-    if loss_type not in L.GLOBAL_TOKEN_NORMALIZED:
-        loss = loss / accumulation
+    loss = loss / k.divisor
+    if k.bonus_weights is not None:
+        loss = loss - k.bonus_coef * (H * k.bonus_weights).sum()
+    return loss, policy_loss, per_token_kl, coef, phi
 
-    if trainer._entropy_bonus_enabled:
-        bonus = L.entropy_bonus(H, mask, entropy_mask) / accumulation
-        loss = loss - _entropy_coef_to_apply(trainer) * bonus
-        trainer._metrics[mode]["policy_loss"].append(trainer.accelerator.gather(policy_loss).nanmean().item())
-        if trainer.use_adaptive_entropy and mode == "train":
-            _step_adaptive_entropy(trainer, H, mask if entropy_mask is None else mask * entropy_mask)
-        if mode == "train" and trainer.accelerator.sync_gradients:
-            trainer._metrics[mode]["entropy_coef"].append(trainer.entropy_coef)
-    if trainer.aux_loss_enabled:
-        loss = loss + trainer.router_aux_loss_coef * aux_loss / accumulation
-        trainer._metrics[mode]["aux_loss"].append(trainer.accelerator.gather_for_metrics(aux_loss).mean().item())
-    _log_metrics(trainer, mode, mask, H, per_token_kl, coef, advantages, phi)
-    return loss
+
+def _chunk_grad_fn(trainer, flat: _Constants, surrogate_config):
+    """``grad_fn(r0, r1, logp, H) -> (d loss / d logp, d loss / d H)`` of the flattened completion tokens
+    ``[r0, r1)``: the same per-token terms as :func:`_loss_from_token_stats` (token-level ratio only)."""
+
+    def grad_fn(r0, r1, logp_c, H_c):
+        with torch.enable_grad():
+            lp = logp_c.detach().to(torch.float32).unsqueeze(0).requires_grad_(True)
+            ent = H_c.detach().to(torch.float32).unsqueeze(0).requires_grad_(True)
+            loss = _loss_from_token_stats(trainer, lp, ent, flat.chunk(r0, r1), surrogate_config)[0]
+            g_lp, g_ent = torch.autograd.grad(loss, (lp, ent), allow_unused=True)
+        g_lp = torch.zeros_like(lp) if g_lp is None else g_lp
+        g_ent = torch.zeros_like(ent) if g_ent is None else g_ent
+        return g_lp.squeeze(0).to(logp_c.dtype), g_ent.squeeze(0).to(H_c.dtype)
+
+    return grad_fn
 
 
 def _times(a, b):

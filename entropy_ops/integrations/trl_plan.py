@@ -41,6 +41,8 @@ class FusedGRPOPlan:
     backend: str
     surrogate_config: PolicyLossConfig | None = None
     reasons: tuple[str, ...] = ()
+    one_pass: bool = False  # the loss's gradient formed during the forward (trl_onepass)
+    token_chunk: int | None = None  # one-pass rows per chunk (None: the default)
 
     @property
     def fused_head(self) -> bool:
@@ -70,10 +72,13 @@ def surrogate_config_from_grpo_args(args) -> PolicyLossConfig:
                             temperature=args.temperature)
 
 
-def plan_fused_grpo(args, *, fused_loss=True, fused_backend="auto", model=None, warn=True) -> FusedGRPOPlan:
+def plan_fused_grpo(args, *, fused_loss=True, fused_backend="auto", fused_one_pass=False, fused_token_chunk=None,
+                    model=None, warn=True) -> FusedGRPOPlan:
     """Validate and choose the path for ``args`` (a ``trl.GRPOConfig``); warns once per fallback reason.
 
     ``model``: the policy instance when known (a model name is checked after TRL loads it).
+    ``fused_one_pass``: form the gradient during the forward when the configuration allows it
+    (:func:`one_pass_reason`), else two passes with a warning saying why.
     """
     from trl import GRPOConfig
 
@@ -81,8 +86,12 @@ def plan_fused_grpo(args, *, fused_loss=True, fused_backend="auto", model=None, 
         raise TypeError(f"args must be a trl.GRPOConfig, got {type(args).__name__}")
     if fused_backend not in BACKENDS:
         raise ValueError(f"fused_backend must be one of {BACKENDS}, got {fused_backend!r}")
-    if not isinstance(fused_loss, bool):
-        raise TypeError(f"fused_loss must be a bool, got {type(fused_loss).__name__}")
+    for name, value in (("fused_loss", fused_loss), ("fused_one_pass", fused_one_pass)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    if fused_token_chunk is not None and (isinstance(fused_token_chunk, bool) or not isinstance(fused_token_chunk, int)
+                                          or fused_token_chunk < 1):
+        raise ValueError(f"fused_token_chunk must be an int >= 1 or None, got {fused_token_chunk!r}")
     _check_fields(args)
     reasons = []
     head_problem = zero3_reason() or (None if model is None else head_reason(model))
@@ -100,10 +109,32 @@ def plan_fused_grpo(args, *, fused_loss=True, fused_backend="auto", model=None, 
                 reasons.append(f"{err}: TRL's cap then also bounds the ratio where A > 0; TRL's loss runs on the "
                                "fused log-probs")
                 path = "fused_logprobs"
+    one_pass = False
+    if fused_one_pass:
+        why = one_pass_reason(args) if path == "fused" else f"the loss is not entropy-ops' (path {path!r})"
+        if why is None:
+            one_pass = True
+        else:
+            reasons.append(f"fused_one_pass: {why}; the loss runs in two passes")
     if warn:
         for reason in reasons:
             warnings.warn(f"FusedGRPOTrainer: {reason}", FusedFallbackWarning, stacklevel=3)
-    return FusedGRPOPlan(path=path, backend=fused_backend, surrogate_config=config, reasons=tuple(reasons))
+    return FusedGRPOPlan(path=path, backend=fused_backend, surrogate_config=config, reasons=tuple(reasons),
+                         one_pass=one_pass, token_chunk=fused_token_chunk)
+
+
+def one_pass_reason(args) -> str | None:
+    """Why TRL's loss for ``args`` needs two passes, or ``None``: the one-pass form needs every token's
+    gradient to depend only on its own log-prob and entropy and on constants known before the forward."""
+    if args.importance_sampling_level != "token":
+        return "a sequence-level ratio needs the whole response's log-probs before any token's gradient"
+    if args.top_entropy_quantile < 1.0:
+        return "the entropy mask's quantile needs every token's entropy before any gradient"
+    if args.off_policy_mask_threshold is not None:
+        return "the off-policy mask needs each response's mean log-prob before any gradient"
+    if args.loss_type == "vespo":
+        return "VESPO's weight needs each response's summed log-ratio before any gradient"
+    return None
 
 
 def _check_fields(args) -> None:
