@@ -26,9 +26,16 @@ O(tokens) and composes TRL's per-token loss in TRL's order (notation of :mod:`.t
   (adaptive: TRL's controller, stepped on the same trainer state).
 
 How the clipped surrogate takes the factors: it is positively homogeneous in ``A``
-(``k pg(w, A) = pg(w, k A)`` for ``k >= 0``, the dual clip included), so ``W c A / (W-mean)`` goes in as
-a per-token advantage under ``token-mean`` aggregation, and ``log_w`` goes in as the log-prob with
-``old = 0`` (the surrogate reads only ``logp - old``). Exact in value and gradient.
+(``k pg(w, A) = pg(w, k A)`` for ``k >= 0``, the dual clip included), so ``A' = N W c A`` goes in as a
+per-token advantage under ``token-mean`` aggregation (which divides by the ``N`` valid tokens), and
+``log_w`` goes in as the log-prob with ``old = 0`` (the surrogate reads only ``logp - old``). Exact in
+value and gradient.
+
+Everything but ``logp``/``H`` is a :class:`_Constants` of the micro-batch, so the loss is a sum of
+per-token terms with fixed weights (:func:`_loss_from_token_stats`). Two passes: the head's forward,
+this sum, autograd's backward. One pass (``one_pass=True``, :mod:`.trl_onepass`): the same function on
+chunks of flattened completion tokens gives each chunk's ``d loss / d (logp, H)`` inside the head's
+forward; the value and the metrics come from the same function on the pass's (detached) outputs.
 
 Metrics: TRL's names and counting (``entropy``, ``kl``, ``clip_ratio/{low,high,region}_mean`` per token,
 or per response where the ratio is per response, ``clip_ratio/low_min``, ``clip_ratio/high_max``,
