@@ -40,7 +40,10 @@ def check(fn, lead, seed, temperature, backend="torch"):
     g = torch.Generator().manual_seed(seed + 100)
     g_logp, g_H = torch.randn(lead, generator=g), torch.randn(lead, generator=g)
     logp, H = fn(hidden, weight, labels, temperature, backend)
-    assert logp.shape == lead and H.shape == lead and logp.dtype == torch.float32
+    # verl's kernel returns flattened [N] outputs; its FusedLinearForPPO the leading shape
+    shape = (labels.numel(),) if fn is ENTRY_POINTS["linear_cross_entropy"] else lead
+    assert logp.shape == shape and H.shape == shape and logp.dtype == torch.float32
+    logp, H = logp.view(lead), H.view(lead)
     ours = torch.autograd.grad((logp * g_logp).sum() + (H * g_H).sum(), (hidden, weight))
     ref_logp, ref_H = reference(hidden, weight, labels, temperature)
     refs = torch.autograd.grad((ref_logp * g_logp.double()).sum() + (ref_H * g_H.double()).sum(), (hidden, weight))
@@ -99,7 +102,7 @@ def test_reduction_reduces_log_probs_only(reduction):
     per_token, H = everl.linear_cross_entropy(hidden, weight, labels, 0.9, "none", backend="torch")
     reduced, H2 = everl.linear_cross_entropy(hidden, weight, labels, 0.9, reduction, backend="torch")
     expected = per_token.sum() if reduction == "sum" else per_token.mean()
-    assert reduced.dim() == 0 and H2.shape == (1, 13)
+    assert reduced.dim() == 0 and H2.shape == (13,)
     assert_close(reduced, expected, 1e-6, reduction)
     assert torch.equal(H, H2)
 
@@ -137,8 +140,8 @@ def test_logits_drop_ins_match_verl_definitions(backend, inplace_backward):
     (g_H,) = torch.autograd.grad((everl.entropy_from_logits(x, backend=backend) * w).sum(), x)
     assert_close(g_H, ref_g_H, 1e-5, "d entropy / d logits", rowwise=True)
 
-    x = (logits.detach() * 1.0).requires_grad_()
-    logp = everl.logprobs_from_logits(x, labels, inplace_backward=inplace_backward, backend=backend)
+    x = logits.detach().clone().requires_grad_()
+    logp = everl.logprobs_from_logits(x * 1.0, labels, inplace_backward=inplace_backward, backend=backend)
     assert logp.dtype == torch.float32 and logp.shape == (37,)
     assert_close(logp, ref_logp, 1e-5, "logprobs_from_logits")
     (g_logp,) = torch.autograd.grad((logp * w).sum(), x)
@@ -157,8 +160,10 @@ def _tp_worker(rank, world, init_file):
         full = torch.cat([weight.detach(), torch.zeros(shard * world - V, D)])  # padded rows: logit 0
         mine = full[rank * shard:(rank + 1) * shard].clone().requires_grad_()
         h = hidden.detach().clone().requires_grad_()
-        logp, H = everl.linear_cross_entropy(h, mine, labels, 0.8, "none", torch.distributed.group.WORLD,
-                                             backend="torch")
+        # Megatron's layout: hidden [T, 1, D] (sequence first), labels [1, T]
+        logp, H = everl.linear_cross_entropy(h.transpose(0, 1), mine, labels, 0.8, "none",
+                                             torch.distributed.group.WORLD, backend="torch")
+        logp, H = logp.view(1, 21), H.view(1, 21)
         g = torch.Generator().manual_seed(12)
         g_logp, g_H = torch.randn(1, 21, generator=g), torch.randn(1, 21, generator=g)
         ((logp * g_logp).sum() + (H * g_H).sum()).backward()

@@ -34,7 +34,8 @@ Semantics (``h`` hidden ``[..., D]``, ``W`` ``[V, D]``, ``y`` labels ``[...]``, 
 
     log_probs = log_softmax(h W^T / t)[y],   entropy = -sum_v p_v log p_v,   p = softmax(h W^T / t)
 
-fp32, shape ``h.shape[:-1]``; a label equal to ``-100`` gives 0 and no gradient. ``t`` may be a float
+fp32, shape ``h.shape[:-1]`` (``FusedLinearForPPO``, ``forward_for_ppo``) or flattened ``[N]``
+(``linear_cross_entropy``, as verl's kernel); a label equal to ``-100`` gives 0 and no gradient. ``t`` may be a float
 or, as in recent verl, a tensor with one temperature per token (``h W^T / t_n = (h_n / t_n) W^T``:
 the rows are pre-scaled, one rounding of ``h / t`` to the input dtype). ``reduction`` ``"sum"`` /
 ``"mean"`` reduce ``log_probs`` over all tokens (verl's definition); ``entropy`` stays per token.
@@ -171,12 +172,21 @@ def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="non
                          backend: str = "auto"):
     """verl's ``linear_cross_entropy(hidden, weight, labels, temperature, reduction, dist_process_group)``.
 
-    Returns ``(log_probs, entropy)``: ``log_probs`` per token (``"none"``) or its sum / mean over all
-    tokens, ``entropy`` per token, fp32. ``dist_process_group``: ``weight`` is this rank's vocab
-    shard (module docstring).
+    Returns ``(log_probs, entropy)`` fp32: ``log_probs`` per token ``[N]`` (``"none"``) or its sum /
+    mean over all tokens, ``entropy`` per token ``[N]``. Like verl's kernel, the rows of ``hidden``
+    ``[..., D]`` and the ids of ``labels`` are flattened in order (``N`` = ``labels.numel()``; the two
+    may have different leading shapes, e.g. Megatron's ``[T, 1, D]`` hidden with ``[1, T]`` labels).
+    ``dist_process_group``: ``weight`` is this rank's vocab shard (module docstring).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1 or not isinstance(labels, torch.Tensor):
+        raise ValueError("hidden must be a [..., D] tensor and labels an integer tensor")
+    if labels.numel() * hidden.shape[-1] != hidden.numel():
+        raise ValueError(f"labels {tuple(labels.shape)} must hold one id per row of hidden {tuple(hidden.shape)}")
+    hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)  # verl's kernel flattens both
+    if isinstance(temperature, torch.Tensor) and temperature.numel() > 1:
+        temperature = temperature.reshape(-1)
     if dist_process_group is not None:
         if not dist.is_initialized():
             raise ValueError("dist_process_group was given but torch.distributed is not initialized")
