@@ -359,7 +359,7 @@ def _linear_onepass_grad(
     m_tile = tl.where(m_tile == float("-inf"), 0.0, m_tile)
     ws = ws_ptr + rows[:, None] * stride_ws_row + cols[None, :]
     ok = in_rows[:, None] & col_ok[None, :]
-    s = tl.load(ws, mask=ok, other=float("-inf")).to(tl.float32) + m_tile[:, None]
+    s = tl.load(ws, mask=ok, other=0.0).to(tl.float32) + m_tile[:, None]  # masked lanes: p = 0 via col_ok
     m, log_S, H, g_logp, g_H = _row_grad_inputs(stats_ptr, grad_logp_ptr, grad_entropy_ptr, rows, keep, n_rows)
     dz = logit_grad(s, col_ok[None, :], cols[None, :] == target[:, None],
                     m[:, None], log_S[:, None], H[:, None], g_logp[:, None], g_H[:, None], inv_tau)
