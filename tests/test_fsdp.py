@@ -19,6 +19,7 @@ gradients to 1e-5 of each tensor's largest element (float32), not bitwise; param
 AdamW steps to 1% of the learning rate wherever the gradient is above the float32 noise
 (``assert_adamw_close`` in test_trainer_distributed.py says why).
 """
+import contextlib
 import json
 import os
 import socket
@@ -88,6 +89,25 @@ def _full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+@contextlib.contextmanager
+def _count_unsharded_blocks(blocks):
+    """Yields ``[n]``: the most blocks holding unsharded (full) parameters while any block ran forward."""
+    from torch.distributed.tensor import DTensor
+
+    most = [0]
+
+    def seen(module, args):
+        most[0] = max(most[0], sum(not isinstance(next(b.parameters()), DTensor) for b in blocks))
+
+    # a pre-hook on each block's first child runs inside the block's forward, after FSDP's unshard
+    handles = [next(b.children()).register_forward_pre_hook(seen) for b in blocks]
+    try:
+        yield most
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _worker(rank, world, port, tmp, rollout_path, results):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -113,6 +133,15 @@ def _worker(rank, world, port, tmp, rollout_path, results):
                                if isinstance(state[p].get("exp_avg_sq"), DTensor)}
     out["head_inside"] = tuple(trainer.fsdp.run(lambda: tuple(trainer.head.weight.shape)))
     out["head_outside_is_dtensor"] = isinstance(trainer.head.weight, DTensor)
+    # generation in both modes, rank 0 stopping after 2 tokens and rank 1 after 6 (blockwise: lockstep)
+    out["generation"] = {}
+    prompts = [r["prompt"] for r in trainer.train_rows[4 + 2 * rank:6 + 2 * rank]]
+    for mode in ("full", "blockwise"):
+        trainer.engine.mode = mode
+        torch.manual_seed(100 + rank)
+        with _count_unsharded_blocks(trainer.fsdp.blocks) as most:
+            g = trainer.engine.generate(prompts, num_samples=2, max_new_tokens=2 if rank == 0 else 6)
+        out["generation"][mode] = (g.completion_ids, g.completion_mask, most[0])
     # 2. uninterrupted 3 steps vs 2 steps + resume to 3 (evaluation on every rank at start and end)
     for name, steps, resume in (("uninterrupted", 3, False), ("interrupted", 2, False), ("interrupted", 3, True)):
         cfg = _config(os.path.join(tmp, name), parallelism="fsdp", max_steps=steps, resume=resume)
@@ -184,6 +213,17 @@ def test_parameters_gradients_and_adam_states_are_sharded(runs):
         assert rank["head_outside_is_dtensor"]
 
 
+def test_generation_full_and_blockwise(runs):
+    """Same completions in both modes; 'full' holds every block unsharded, 'blockwise' at most two."""
+    for rank in runs["ranks"]:
+        ids_full, mask_full, most_full = rank["generation"]["full"]
+        ids_block, mask_block, most_block = rank["generation"]["blockwise"]
+        assert torch.equal(ids_full, ids_block) and torch.equal(mask_full, mask_block)
+        assert most_full == 4 and 1 <= most_block <= 2  # the tiny model has 4 blocks
+    widths = [r["generation"]["blockwise"][0].shape[1] for r in runs["ranks"]]
+    assert widths[0] <= 2 < widths[1]  # the ranks generated different numbers of tokens, in lockstep
+
+
 def test_resume_equals_uninterrupted_run(runs):
     tmp = runs["tmp"]
     (step_u, path_u), = [c for c in list_checkpoints(str(tmp / "uninterrupted"))]
@@ -237,3 +277,5 @@ def test_fsdp_refuses_what_it_cannot_shard():
         _config("x", parallelism="fsdp", dynamic_sampling=True).validate()
     with pytest.raises(ValueError, match="parallelism must be one of"):
         _config("x", parallelism="zero3").validate()
+    with pytest.raises(ValueError, match="fsdp_generation must be one of"):
+        _config("x", parallelism="fsdp", fsdp_generation="lazy").validate()

@@ -93,6 +93,9 @@ class TrainConfig:
     backend: str = _f("auto", "Fused-op backend: 'auto', 'triton' or 'torch'.")
     parallelism: str = _f("ddp", "Under torchrun: 'ddp' (every rank holds the whole model and optimizer) or 'fsdp' "
                                  "(FSDP2: parameters, gradients and optimizer state sharded over ranks; docs/distributed.md).")
+    fsdp_generation: str = _f("full", "parallelism 'fsdp', sampling: 'full' (all-gather the whole model once per generate "
+                                      "call: fast, needs the full parameters on each device) or 'blockwise' (one block "
+                                      "at a time, at every token: the model's traffic per token, a block's memory).")
 
     # ------------------------------------------------------------ construction
     @classmethod

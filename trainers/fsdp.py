@@ -22,10 +22,12 @@ state sharded instead of replicated:
 - **sum, not mean**: the micro-batch weights already make the per-rank gradients add up to the
   global batch's gradient, so the reduce-scatter sums (gradient divide factor 1; FSDP's default
   divides by ``W``).
-- **generation** (``ShardedEngine``): inside the root's forward, every unit is all-gathered once
-  and kept unsharded for the whole ``generate`` call (one all-gather per unit and call, not per
-  token; ranks may then stop after different numbers of tokens), then resharded. Peak memory
-  during generation is the full parameters in their dtype, plus the KV cache.
+- **generation** (``ShardedEngine``, ``fsdp_generation``) runs inside the root's forward too.
+  ``full`` (default): every unit is all-gathered once and kept unsharded for the whole ``generate``
+  call (one all-gather per unit and call, not per token), then resharded; peak memory is the full
+  parameters in their dtype, plus the KV cache. ``blockwise``: each block is all-gathered for its
+  forward at every decoding step and resharded after it (peak: the root unit and about two
+  blocks; traffic: the model once per token), with the ranks in lockstep (``synced_gpus``).
 - **clipping**: ``torch.nn.utils.clip_grad_norm_`` accepts the sharded ``DTensor`` gradients; the
   global norm is ``sqrt(sum_r ||g_r||^2)`` over the shards (one all-reduce).
 - **checkpoints** (``checkpoint_parts``, ``load_optimizer_state``): the full model and optimizer
@@ -49,9 +51,13 @@ import sys
 import torch
 from torch import nn
 
+GENERATION_MODES = ("full", "blockwise")  # ShardedEngine
+
 
 def check_config(config) -> None:
-    """Raise ``ValueError`` for options that do not combine with ``parallelism: fsdp``."""
+    """Raise ``ValueError`` for a bad ``fsdp_generation`` or options that do not combine with ``parallelism: fsdp``."""
+    if config.fsdp_generation not in GENERATION_MODES:
+        raise ValueError(f"fsdp_generation must be one of {GENERATION_MODES}, got {config.fsdp_generation!r}")
     if config.parallelism != "fsdp":
         return
     if config.dynamic_sampling:
@@ -225,13 +231,36 @@ def _sharded_like(value, param):
 
 
 class ShardedEngine:
-    """A rollout engine whose ``generate`` runs with the policy unsharded (``ShardedPolicy.run(full=True)``)."""
+    """A rollout engine whose ``generate`` runs inside the root's forward, in one of two modes.
 
-    def __init__(self, engine, policy: ShardedPolicy) -> None:
-        self._engine, self._policy = engine, policy
+    ``"full"``: every unit is all-gathered once per ``generate`` call and kept unsharded to its end
+    (``ShardedPolicy.run(full=True)``): one all-gather of the model per call, peak memory the full
+    parameters; ranks may stop after different numbers of tokens.
+    ``"blockwise"``: the root unit (embeddings, lm_head) is unsharded, and each block is all-gathered
+    for its forward and resharded after it, at every decoding step: peak memory the root unit and
+    about two blocks, but the whole model crosses the network once per generated token. Every rank
+    must then run the same number of steps: transformers' ``generate`` does (``synced_gpus``, chosen
+    by it for a module that carries ``_is_fsdp_managed_module``), running dummy steps on a rank whose
+    completions have all ended until every rank's have.
+    """
+
+    def __init__(self, engine, policy: ShardedPolicy, mode: str = "full") -> None:
+        if mode not in GENERATION_MODES:
+            raise ValueError(f"fsdp_generation must be one of {GENERATION_MODES}, got {mode!r}")
+        self._engine, self._policy, self.mode = engine, policy, mode
 
     def generate(self, *args, **kwargs):
-        return self._policy.run(lambda: self._engine.generate(*args, **kwargs), full=True)
+        def call():
+            return self._engine.generate(*args, **kwargs)
+
+        if self.mode == "full":
+            return self._policy.run(call, full=True)
+        model = self._policy.model
+        model._is_fsdp_managed_module = True
+        try:
+            return self._policy.run(call)
+        finally:
+            del model._is_fsdp_managed_module
 
     def update_weights(self, model) -> None:
         self._engine.update_weights(model)
@@ -265,7 +294,7 @@ def apply(trainer):
 
     policy = ShardedPolicy(trainer.model, trainer.device)
     trainer.head = LiveHead(trainer.model, lm_head_of)
-    trainer.engine = ShardedEngine(trainer.engine, policy)
+    trainer.engine = ShardedEngine(trainer.engine, policy, trainer.config.fsdp_generation)
     trainer.fused_logprobs = policy.wrap(trainer.fused_logprobs)
     trainer._micro_batch_loss = policy.wrap(trainer._micro_batch_loss)
     return policy
