@@ -106,22 +106,6 @@ def run_benchmarks(out_dir: Path) -> tuple[list[dict], list[dict]]:
     return steps, cells
 
 
-def model_vs_measured(cells: list[dict], gpu_key: str | None) -> list[dict]:
-    """One row per measured cell of ours: modeled time, measured time, error (measured - modeled) / measured."""
-    from .perf_model import modeled_time_for_cell
-
-    rows = []
-    for c in cells:
-        if c.get("impl") not in ("ours", "ours-inplace") or c.get("status") != "ok":
-            continue
-        modeled = modeled_time_for_cell(c, gpu_key) if gpu_key else None
-        measured = c.get("time_ms")
-        rows.append({"op": c["op"], "impl": c["impl"], "shape": c["shape"]["label"], "dtype": c["dtype"],
-                     "mode": c["mode"], "measured_ms": measured, "modeled_ms": modeled,
-                     "model_error": (measured - modeled) / measured if modeled and measured else None})
-    return rows
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bash benchmarks/gpu_check.sh", description=__doc__.split("\n\n")[0])
     p.add_argument("--skip-tests", action="store_true", help="only the benchmark cells")
@@ -131,6 +115,7 @@ def main(argv=None) -> int:
     from . import environment
     from .gpus import gpu_for_device_name
     from .perf_model import model
+    from .report import model_vs_measured
     from .shapes import parse_shapes
 
     t0 = time.perf_counter()
@@ -150,7 +135,7 @@ def main(argv=None) -> int:
             print(f"  FAILED {name}")
     steps, cells = run_benchmarks(work) if dev["cuda"] else ([], [])
     modeled = model(parse_shapes("headline,liger-hopper"), gpus=(gpu_key,) if gpu_key else ("H100", "H200"))
-    comparison = model_vs_measured(cells, gpu_key)
+    comparison = model_vs_measured({"cells": cells}, gpu_key)
     doc = {"schema": SCHEMA, "date_utc": stamp.isoformat(timespec="seconds"), "device": dev,
            "model_gpu": gpu_key, "environment": environment.describe(_torch_device(dev), sys.argv),
            "tests": tests, "benchmark_steps": steps, "cells": cells, "model_vs_measured": comparison,

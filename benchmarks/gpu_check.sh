@@ -5,6 +5,9 @@
 # (commit it). Without a GPU: a dry run that exits 0 and says so. See benchmarks/README.md.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PYTHON="${PYTHON:-python}"
-if [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
+# The interpreter: $PYTHON if set, else the active virtual environment's, else ./.venv's, else python.
+if [ -z "${PYTHON:-}" ]; then
+  PYTHON=python
+  if [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
+fi
 exec "$PYTHON" -m benchmarks.gpu_check "$@"

@@ -94,16 +94,17 @@ def static_row(rows: list[dict], module: str, role: str, dtype: str, arch: int =
                tensor_core: bool = False) -> dict | None:
     """The static row for one kernel role: module suffix, ``role`` in the kernel name, operand dtype.
 
-    Prefers a row specialized at this vocabulary (an argument ``V`` equal to it); otherwise the most
-    conservative row (most instructions per element, or fewest CTAs for matmul kernels).
+    Prefers the row specialized at the vocabulary nearest to ``vocab`` (the spec's argument ``V``, in
+    ratio); otherwise the most conservative row (most instructions per element, then fewest CTAs).
     """
     cands = [r for r in rows if r["module"].endswith(module) and role in r["kernel"] and r["arch"] == arch
              and _first_pointer_dtype(r) == dtype and (not tensor_core or r["kernel_counts"]["hgmma"])]
     if not cands:
         return None
-    exact = [r for r in cands if vocab is not None and r.get("scalars", {}).get("V") == vocab]
-    if exact:
-        cands = exact
+    with_v = [r for r in cands if isinstance(r.get("scalars", {}).get("V"), int) and r["scalars"]["V"] > 0]
+    if vocab is not None and with_v:
+        # The configuration the dispatcher picks for this vocabulary is the one specialized nearest to it.
+        return min(with_v, key=lambda r: (abs(math.log(r["scalars"]["V"] / vocab)), -(r.get("instructions_per_element") or 0)))
     return max(cands, key=lambda r: (r.get("instructions_per_element") or 0.0, -r["ctas"]))
 
 
@@ -136,8 +137,8 @@ def _streaming_bounds(piece: Piece, elements: float, row: dict | None, gpu: GPU)
         return
     clocks = gpu.sms * gpu.clock_hz
     ipe = row.get("instructions_per_element")
-    hot = row.get("hot_loop") or {}
-    ldg = hot.get("ldg_bytes_per_thread", 0)
+    hot = row.get("hot_loop") or row["kernel_counts"]
+    ldg = hot.get("stream_bytes_per_thread", 0)
     if ipe:
         piece.bounds["issue"] = elements * ipe / 32 / (gpu.warp_issue_per_clk * clocks)
         elems_per_thread = ldg / DTYPE_BYTES.get(_first_pointer_dtype(row), 2) if ldg else 0
@@ -278,8 +279,10 @@ def model(shapes, gpus=("H100", "H200"), dtype: str = "bf16", rows: list[dict] |
             logit_key = (shape.n_tokens, shape.vocab, key)
             if logit_key not in seen:
                 seen.add(logit_key)
-                for mode, pieces in logits_op(shape, dtype, gpu, rows).items():
-                    out.append(_row("logits", mode, shape, dtype, key, pieces, logits_floor(shape, dtype, mode, gpu)))
+                logit_shape = Shape(shape.n_tokens, shape.vocab, None, None, shape.preset)
+                for mode, pieces in logits_op(logit_shape, dtype, gpu, rows).items():
+                    out.append(_row("logits", mode, logit_shape, dtype, key, pieces,
+                                    logits_floor(logit_shape, dtype, mode, gpu)))
             if shape.hidden is None:
                 continue
             for name in designs:
@@ -322,6 +325,16 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(b) for b in body)])
 
 
+def markdown_rows(rows: list[dict]) -> str:
+    lines = ["| op | design | mode | shape | GPU | modeled ms | floor ms | % of floor | bound | HBM GB | atomic GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['design'] or ''} | {r['mode']} | {r['shape']['label']} | {r['gpu']} | "
+                     f"{r['time_ms']:.3g} | {r['floor_ms']:.3g} | {r['pct_of_floor']:.0f}% | {r['bound']} | "
+                     f"{r['hbm_bytes'] / 1e9:.1f} | {r['atomic_bytes'] / 1e9:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.perf_model", description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default=",".join(MODEL_PRESETS), help="presets / NxV / NxVxD (benchmarks/shapes.py)")
@@ -330,6 +343,7 @@ def main(argv=None) -> int:
     p.add_argument("--design", default="chunked,atomic", help=f"hidden-state designs: {','.join(DESIGNS)}")
     p.add_argument("--static", default=str(STATIC_REPORT), help="static report JSON (python -m benchmarks.static)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--markdown", action="store_true", help="print a markdown table instead")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     gpus = [g.strip() for g in args.gpu.split(",") if g.strip()]
     designs = [d.strip() for d in args.design.split(",") if d.strip()]
@@ -344,7 +358,7 @@ def main(argv=None) -> int:
     rows = model(shapes, gpus, args.dtype, static_rows, designs)
     print("modeled (no GPU run): " + (f"static report {args.static}" if static_rows else
                                        "no static report: issue/latency bounds left out"))
-    print(format_rows(rows))
+    print(markdown_rows(rows) if args.markdown else format_rows(rows))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0

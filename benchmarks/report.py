@@ -97,3 +97,127 @@ def console_table(results: dict, status_width: int = 60) -> str:
             + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in base["matmul_tflops"].items())
             + " | time/ours, mem/ours > 1: ours is faster / smaller")
     return "\n".join([head, line(COLUMNS), line(["-" * w for w in widths]), *(line(b) for b in body)])
+
+
+# ------------------------------------------------------------------ modeled figures, targets, anchors
+# Targets and the anchors' published figures (TARGETS.md); ms at the named shape, bf16.
+# ``gpu``: the hardware the anchor figure was measured on (an A100 figure is not an H100 one).
+TARGETS = (
+    {"op": "logits", "mode": "fwd_bwd", "shape": (32768, 152064, None), "target": ">= 90% of the copy floor",
+     "target_pct_floor": 90.0, "anchors": ()},
+    {"op": "logits", "mode": "fwd_bwd", "shape": (32768, 32000, None), "target": ">= 90% of the copy floor",
+     "target_pct_floor": 90.0, "anchors": ()},
+    {"op": "logits", "mode": "fwd_bwd", "shape": (32768, 262144, None), "target": ">= 90% of the copy floor",
+     "target_pct_floor": 90.0, "anchors": ()},
+    {"op": "linear", "mode": "fwd_bwd", "shape": (8192, 131072, 4096), "target": "<= 50 ms on H100",
+     "target_ms": {"H100": 50.0},
+     "anchors": (("Liger CuTe kernel with entropy (Hopper only)", 50.22, "H100"),
+                 ("verl torch fallback", 165.63, "H100"))},
+    {"op": "policy_one_pass", "mode": "one_pass", "shape": (8192, 131072, 4096),
+     "target": "<= 0.8x the two-pass hidden-state op", "target_ratio_of": ("linear", "fwd_bwd", 0.8), "anchors": ()},
+)
+
+
+def _shape_key(row_shape: dict) -> tuple:
+    return (row_shape["n_tokens"], row_shape["vocab"], row_shape["hidden"])
+
+
+def modeled_vs_targets(model_rows: list[dict], design: str = "chunked") -> list[dict]:
+    """One row per (target, GPU): modeled time, floor, % of floor, the target in ms, the anchors."""
+    out = []
+    for tgt in TARGETS:
+        for r in model_rows:
+            if r["op"] != tgt["op"] or r["mode"] != tgt["mode"] or r["design"] not in (None, design):
+                continue
+            key = _shape_key(r["shape"])
+            if key[:2] != tgt["shape"][:2] or (tgt["shape"][2] is not None and key[2] != tgt["shape"][2]):
+                continue
+            target_ms = None
+            if "target_pct_floor" in tgt:
+                target_ms = r["floor_ms"] * 100.0 / tgt["target_pct_floor"]
+            elif "target_ms" in tgt:
+                target_ms = tgt["target_ms"].get(r["gpu"])
+            elif "target_ratio_of" in tgt:
+                op, mode, ratio = tgt["target_ratio_of"]
+                base = next((b for b in model_rows if b["op"] == op and b["mode"] == mode and b["gpu"] == r["gpu"]
+                             and b["design"] == r["design"] and _shape_key(b["shape"]) == key), None)
+                target_ms = None if base is None else ratio * base["time_ms"]
+            anchors = "; ".join(f"{name} {ms:g} ms ({gpu})" for name, ms, gpu in tgt["anchors"] if gpu == r["gpu"])
+            out.append({"op": r["op"], "mode": r["mode"], "shape": r["shape"]["label"], "gpu": r["gpu"],
+                        "design": r["design"], "modeled_ms": r["time_ms"], "floor_ms": r["floor_ms"],
+                        "pct_of_floor": r["pct_of_floor"], "bound": r["bound"], "target": tgt["target"],
+                        "target_ms": target_ms,
+                        "meets_target": None if target_ms is None else r["time_ms"] <= target_ms * (1 + 1e-9),
+                        "anchors": anchors})
+    return out
+
+
+def model_vs_measured(results: dict, gpu_key: str | None, static_rows=None) -> list[dict]:
+    """Ours' measured cells beside the modeled time; ``model_error = (measured - modeled) / measured``."""
+    from .perf_model import modeled_time_for_cell
+
+    rows_out = []
+    for c in results.get("cells", []):
+        if c.get("impl") not in (BASE, "ours-inplace") or c.get("status") != "ok":
+            continue
+        modeled = modeled_time_for_cell(c, gpu_key, static_rows) if gpu_key else None
+        measured = c.get("time_ms")
+        rows_out.append({"op": c["op"], "impl": c["impl"], "shape": c["shape"]["label"], "dtype": c["dtype"],
+                         "mode": c["mode"], "measured_ms": measured, "modeled_ms": modeled,
+                         "model_error": (measured - modeled) / measured if modeled and measured else None})
+    return rows_out
+
+
+def _plain_table(cols, body) -> str:
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(cols)]
+
+    def line(vals) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()
+
+    return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(b) for b in body)])
+
+
+def targets_table(rows: list[dict]) -> str:
+    cols = ("op", "shape", "gpu", "modeled ms", "floor ms", "% floor", "bound", "target", "target ms", "meets",
+            "anchors")
+    body = [[r["op"], r["shape"], r["gpu"], fmt_ms(r["modeled_ms"]), fmt_ms(r["floor_ms"]), fmt_pct(r["pct_of_floor"]),
+             r["bound"], r["target"], fmt_ms(r["target_ms"]),
+             "" if r["meets_target"] is None else ("yes" if r["meets_target"] else "no"), r["anchors"]] for r in rows]
+    return "modeled (no GPU run)\n" + _plain_table(cols, body)
+
+
+def measured_table(rows: list[dict]) -> str:
+    cols = ("op", "impl", "shape", "dtype", "mode", "measured ms", "modeled ms", "model error")
+    body = [[r["op"], r["impl"], r["shape"], r["dtype"], r["mode"], fmt_ms(r["measured_ms"]), fmt_ms(r["modeled_ms"]),
+             "" if r["model_error"] is None else f"{100 * r['model_error']:+.0f}%"] for r in rows]
+    return _plain_table(cols, body)
+
+
+def main(argv=None) -> int:
+    """``python -m benchmarks.report [results.json ...]``: modeled vs targets and anchors; measured beside
+    modeled for each results file (``benchmarks.runner`` or ``gpu_check`` output) given."""
+    import argparse
+    import json
+    import sys
+    from pathlib import Path
+
+    from .gpus import gpu_for_device_name
+    from .perf_model import load_static, model
+    from .shapes import parse_shapes
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__.split("\n")[0])
+    p.add_argument("results", nargs="*", help="results JSON files of GPU runs")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    static_rows = load_static()
+    print(targets_table(modeled_vs_targets(model(parse_shapes("headline,liger-hopper"), rows=static_rows))))
+    for path in args.results:
+        doc = json.loads(Path(path).read_text())
+        name = (doc.get("environment") or {}).get("device_name") or (doc.get("device") or {}).get("name")
+        gpu_key = gpu_for_device_name(name)
+        print(f"\n{path}: {name} (model: {gpu_key or 'no model for this GPU'})")
+        print(measured_table(model_vs_measured(doc, gpu_key, static_rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -119,3 +119,91 @@ def test_bad_arguments_are_rejected():
     assert done.returncode != 0 and "no-such-impl" in done.stderr
     done = _run("benchmarks", "--device", "cpu", "--shapes", "12xV", "--no-plots", check=False)
     assert done.returncode != 0 and "12xV" in done.stderr
+
+
+# ------------------------------------------------------------------------- performance model, GPU kit
+def test_model_reproduces_the_targets_floors():
+    """TARGETS.md's worked floors: logits N=32768 V=152064 bf16 on H100 3.3 ms fwd / 6.6 ms bwd;
+    hidden-state op N=32768 D=3584 V=152064: 8NDV = 1.43e14 FLOP, 179 ms at ~800 TFLOP/s."""
+    from benchmarks.gpus import GPUS
+    from benchmarks.perf_model import linear_floor, logits_floor
+    from benchmarks.shapes import Shape
+
+    h100 = GPUS["H100"]
+    shape = Shape(32768, 152064, 3584)
+    assert logits_floor(shape, "bf16", "fwd", h100) * 1e3 == pytest.approx(3.32, rel=0.01)
+    assert logits_floor(shape, "bf16", "bwd", h100) * 1e3 == pytest.approx(6.64, rel=0.01)
+    assert linear_floor(shape, "fwd_bwd", h100) * h100.matmul_rate == pytest.approx(1.43e14, rel=0.01)
+    assert linear_floor(shape, "fwd_bwd", h100) * 1e3 == pytest.approx(179 * 800 / 785, rel=0.01)
+
+
+def test_model_atomic_design_moves_the_reviewed_atomic_bytes():
+    """The fused atomic backward (64 x 128 tiles) adds 4 (NDV/128 + VDN/64) bytes of fp32 RED:
+    412 GB at the Liger-Hopper shape, the figure of the static review; the chunked design none."""
+    from benchmarks.gpus import GPUS
+    from benchmarks.perf_model import DESIGNS, linear_op
+    from benchmarks.shapes import PRESETS
+
+    shape = PRESETS["liger-hopper"][0]
+    atomic = linear_op(shape, "bf16", GPUS["H100"], [], DESIGNS["atomic"])
+    assert sum(p.atomic_bytes for p in atomic["bwd"]) / 1e9 == pytest.approx(412, rel=0.01)
+    chunked = linear_op(shape, "bf16", GPUS["H100"], [], DESIGNS["chunked"])
+    assert sum(p.atomic_bytes for ps in chunked.values() for p in ps) == 0
+    t = {mode: sum(p.time_s for p in ps) for mode, ps in chunked.items()}
+    assert t["fwd_bwd"] == pytest.approx(t["fwd"] + t["bwd"])
+    assert t["one_pass"] < t["fwd_bwd"]
+
+
+def test_model_issue_bound_from_static_rows():
+    """A static row's instructions per element become the issue bound: elements * ipe / 32 lanes /
+    (4 issue slots x SMs x clock)."""
+    from benchmarks.gpus import GPUS
+    from benchmarks.perf_model import logits_op
+    from benchmarks.shapes import Shape
+
+    hot = {"instructions": 40, "hgmma": 0, "hmma": 0, "mufu": 4, "stream_bytes_per_thread": 16, "red": 0}
+    row = {"module": "entropy_ops.kernels.token_logprobs_entropy", "kernel": "_token_fwd", "arch": 90,
+           "specialization": {"logits_ptr": "*bf16/16"}, "scalars": {"V": 152064}, "kernel_counts": hot,
+           "hot_loop": hot, "loops": [], "ctas": 8, "num_warps": 8, "instructions_per_element": 5.0}
+    gpu = GPUS["H100"]
+    n, v = 32768, 152064
+    piece = logits_op(Shape(n, v), "bf16", gpu, [row])["fwd"][0]
+    assert piece.bounds["issue"] == pytest.approx(n * v * 5.0 / 32 / (4 * gpu.sms * gpu.clock_hz))
+    assert piece.bounds["mufu"] == pytest.approx(n * v * 0.5 / (16 * gpu.sms * gpu.clock_hz))
+    assert piece.bound == "bandwidth"
+
+
+def test_perf_model_and_report_commands():
+    text = _run("benchmarks.perf_model", "--shapes", "liger-hopper", "--gpu", "H100").stdout
+    assert "modeled" in text and "chunked" in text and "atomic" in text and "N=8192 V=131072 D=4096" in text
+    text = _run("benchmarks.report").stdout
+    assert "modeled (no GPU run)" in text and "50.22" in text and ">= 90% of the copy floor" in text
+
+
+def test_report_puts_measured_beside_modeled():
+    from benchmarks.report import measured_table, model_vs_measured
+
+    cell = {"op": "logits", "impl": "ours", "status": "ok", "dtype": "bf16", "mode": "fwd", "time_ms": 4.0,
+            "shape": {"n_tokens": 32768, "vocab": 152064, "hidden": None, "softcap": None, "preset": "headline",
+                      "label": "N=32768 V=152064"}}
+    rows = model_vs_measured({"cells": [cell]}, "H100", static_rows=[])
+    assert rows[0]["modeled_ms"] == pytest.approx(3.32, rel=0.01)
+    assert rows[0]["model_error"] == pytest.approx((4.0 - rows[0]["modeled_ms"]) / 4.0)
+    assert "+17%" in measured_table(rows)
+
+
+def test_gpu_check_dry_run_without_a_gpu(tmp_path):
+    """bash benchmarks/gpu_check.sh on a machine without CUDA: says so, CUDA tests skip, exit 0."""
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a CUDA device is present: the kit would run for real")
+    out = tmp_path / "dry.json"
+    env = {**__import__("os").environ, "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "no CUDA device" in done.stdout and "dry run complete" in done.stdout
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "entropy-ops-gpu-check/1" and doc["device"]["cuda"] is False
+    assert doc["tests"]["tests"] > 0 and doc["tests"]["skipped"] == doc["tests"]["tests"]
+    assert any("CUDA" in r for r in doc["tests"]["skip_reasons"])
+    assert doc["modeled"] and doc["cells"] == []

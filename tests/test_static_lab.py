@@ -108,6 +108,7 @@ SASS = """
         /*00a0*/               @P1 BRA 0x60 ;
         /*00b0*/                   REDG.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR6][R4.64], R9 ;
         /*00c0*/                   EXIT ;
+        /*00d0*/                   BRA 0xd0 ;
 """
 RES = " Function k:\n  REG:168 STACK:0 SHARED:1024 LOCAL:8 CONSTANT[0]:600\n"
 
@@ -121,6 +122,7 @@ def test_sass_counts_loops_and_hot_loop():
     assert [(lp["start"], lp["end"]) for lp in info["loops"]] == [(0x20, 0x50), (0x60, 0xA0)]
     hot = info["hot_loop"]  # the loop with the tensor-core instruction, though the other is as long
     assert hot["start"] == 0x20 and hot["bar"] == 1 and hot["instructions"] == 4
+    assert k["stream_bytes_per_thread"] == 16  # the one LDG.E.128; the LDG.E.U16 is a narrower scalar load
     assert ldg_bytes("LDG.E.128") == 16 and ldg_bytes("LDG.E") == 4 and ldg_bytes("LDG.E.U16") == 2
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from . import ARCHS, gates, kernel_modules, run
 from .compile import default_cache_dir
 
-COLUMNS = ("kernel", "config", "sm", "warps", "regs", "spill", "smem KiB", "CTA/SM", "limit", "tensor core",
+COLUMNS = ("kernel", "config", "sm", "warps", "regs", "local/stack", "calls", "smem KiB", "CTA/SM", "limit", "tensor core",
            "RED/ATOM", "LDGSTS", "TMA", "BAR/iter", "instr/elem", "error")
 
 
@@ -48,7 +48,7 @@ def table_row(row: dict) -> list[str]:
     mma = ", ".join(f"{k} x{v}" for k, v in counts["mma_shapes"].items()) or "-"
     ipe = row.get("instructions_per_element")
     return [row["kernel"], config_text(row), str(row["arch"]), str(row["num_warps"]), str(row["registers"]),
-            str(row["local"] + row["stack"]), f"{row['shared'] / 1024:.1f}", str(row["ctas"]), row["limiter"],
+            f"{row['local']}/{row['stack']}", str(counts.get("call", 0)), f"{row['shared'] / 1024:.1f}", str(row["ctas"]), row["limiter"],
             mma, f"{counts['red']}/{counts['atom']}", str(counts["ldgsts"]), str(counts["utmaldg"]),
             str(hot.get("bar", 0)), "" if ipe is None else f"{ipe:.1f}", ""]
 
@@ -58,6 +58,37 @@ def format_table(rows: list[dict]) -> str:
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(COLUMNS)]
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
     return "\n".join([line(COLUMNS), line(["-" * w for w in widths]), *(line(b) for b in body)])
+
+
+def markdown_summary(rows: list[dict]) -> str:
+    """Per kernel and architecture: ranges over its configurations (the docs' table)."""
+    groups: dict = {}
+    for r in rows:
+        if "error" not in r:
+            groups.setdefault((r["kernel"], r["arch"]), []).append(r)
+    lines = ["| kernel | sm | configs | registers | local / stack B | calls | shared KiB | CTAs/SM | tensor-core instructions | "
+             "RED/ATOM | LDGSTS / TMA | BAR per hot-loop iteration | instr/elem |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def rng(vals, fmt="{}"):
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            return "-"
+        lo, hi = min(vals), max(vals)
+        return fmt.format(lo) if lo == hi else f"{fmt.format(lo)}-{fmt.format(hi)}"
+
+    for (kernel, arch), rs in sorted(groups.items()):
+        shapes = sorted({k for r in rs for k in r["kernel_counts"]["mma_shapes"]})
+        lines.append(" | ".join([
+            f"| `{kernel}`", str(arch), str(len(rs)), rng([r["registers"] for r in rs]),
+            f"{rng([r['local'] for r in rs])} / {rng([r['stack'] for r in rs])}",
+            rng([r["kernel_counts"].get("call", 0) for r in rs]), rng([r["shared"] / 1024 for r in rs], "{:.0f}"),
+            rng([r["ctas"] for r in rs]), ", ".join(shapes) or "-",
+            rng([r["kernel_counts"]["red"] + r["kernel_counts"]["atom"] for r in rs]),
+            f"{rng([r['kernel_counts']['ldgsts'] for r in rs])} / {rng([r['kernel_counts']['utmaldg'] for r in rs])}",
+            rng([(r.get("hot_loop") or {}).get("bar", 0) for r in rs]),
+            rng([r.get("instructions_per_element") for r in rs], "{:.1f}")]) + " |")
+    return "\n".join(lines)
 
 
 def git_sha() -> str | None:
@@ -79,6 +110,7 @@ def parse_args(argv):
     p.add_argument("--cache-dir", default=str(default_cache_dir()), help="result cache (default: %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="compile everything afresh, store nothing")
     p.add_argument("--out", default=None, help="JSON output file (default: benchmarks/out/static-<UTC time>.json)")
+    p.add_argument("--markdown", action="store_true", help="also print a per-kernel markdown summary")
     p.add_argument("--gates", action="store_true", help="also check the gates; exit 1 on a violation")
     return p.parse_args(argv)
 
@@ -98,6 +130,8 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(doc, indent=1))
     print(f"{len(rows)} rows, {sum('error' in r for r in rows)} errors, "
           f"{sum(bool(r.get('cached')) for r in rows)} from the cache; json: {out}")
+    if args.markdown:
+        print(markdown_summary(rows))
     if args.gates:
         violations = gates.check(rows)
         for v in violations:

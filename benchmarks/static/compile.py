@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-LAB_VERSION = "1"  # bump when the analysis changes, so cached rows are recomputed
+LAB_VERSION = "3"  # bump when the analysis changes, so cached rows are recomputed
 
 
 def default_cache_dir() -> Path:
@@ -58,15 +58,17 @@ def cache_key(spec, spec_desc: dict, options: dict, arch: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _per_element(hot: dict | None, elem: int | None) -> float | None:
-    """Instructions per streamed element in a loop without tensor cores (per thread, one iteration).
+def _per_element(info: dict, elem: int | None) -> float | None:
+    """SASS instructions per streamed element, per thread, for kernels without tensor cores.
 
-    ``instructions / (global-load bytes per thread / element size)``; None for matmul loops or loops
-    that load nothing.
+    Body: the hot loop (one iteration), or the whole kernel when it has no loop (one tile per
+    program). ``instructions / (streaming-load bytes per thread / element size)``; None for matmul
+    kernels or bodies that stream nothing.
     """
-    if hot is None or elem is None or hot["hgmma"] or hot["hmma"] or hot["ldg_bytes_per_thread"] == 0:
+    body = info["hot_loop"] or info["kernel_counts"]
+    if elem is None or body["hgmma"] or body["hmma"] or not body["stream_bytes_per_thread"]:
         return None
-    return hot["instructions"] / (hot["ldg_bytes_per_thread"] / elem)
+    return body["instructions"] / (body["stream_bytes_per_thread"] / elem)
 
 
 def compile_job(job: tuple) -> dict:
@@ -103,7 +105,7 @@ def compile_job(job: tuple) -> dict:
         shared = max(info["static_shared"], int(compiled.metadata.shared))
         occ = ctas_per_sm(arch, info["registers"], shared, spec.num_warps)
         result = {**info, "dots": sass.dots(compiled.asm["ttir"]), "shared": shared, "triton_shared": int(compiled.metadata.shared), **occ,
-                  "instructions_per_element": _per_element(info["hot_loop"], stream_element_size(spec)),
+                  "instructions_per_element": _per_element(info, stream_element_size(spec)),
                   "compile_s": round(compile_s, 2)}
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

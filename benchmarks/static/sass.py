@@ -9,7 +9,10 @@ often it runs):
 - global atomics: ``RED`` / ``REDG`` (no return value) and ``ATOM`` / ``ATOMG``;
 - asynchronous copies: ``LDGSTS`` (cp.async), ``UTMALDG`` (TMA loads), ``UBLKCP`` (bulk copies);
 - block barriers ``BAR`` (``BAR.SYNC``, ``BAR.RED``, ...);
-- loops: every backward branch ``BRA`` to a lower address closes a loop ``[target, branch]``;
+- subroutine calls ``CALL`` (e.g. the IEEE fp32 division slow path) and local-memory accesses
+  ``STL`` / ``LDL`` (register spills, or registers saved around a call);
+- loops: every backward branch ``BRA`` to a lower address closes a loop ``[target, branch]`` (the
+  branch-to-self after ``EXIT`` is not one);
   the *hot loop* is the innermost loop that issues tensor-core instructions, else the
   innermost loop with the most instructions. Its per-iteration counts are what the model uses.
 """
@@ -94,6 +97,10 @@ def classify(mnemonic: str) -> str | None:
         return "shfl"
     if base == "MUFU":
         return "mufu"
+    if base == "CALL":
+        return "call"
+    if base in ("STL", "LDL"):
+        return "local_access"
     return None
 
 
@@ -115,9 +122,20 @@ def _counts(instrs) -> dict:
     classes = Counter(c for _, m, _ in instrs if (c := classify(m)) is not None)
     shapes = Counter(f"{m.split('.')[0]}.{s}" for _, m, _ in instrs if (s := mma_shape(m)) is not None)
     return {"instructions": sum(1 for _, m, _ in instrs if m != "NOP"), **{k: classes.get(k, 0) for k in (
-        "hgmma", "hmma", "red", "atom", "ldgsts", "utmaldg", "bulk_copy", "bar", "ldg", "stg", "shfl", "mufu")},
+        "hgmma", "hmma", "red", "atom", "ldgsts", "utmaldg", "bulk_copy", "bar", "ldg", "stg", "shfl", "mufu", "call", "local_access")},
         "mma_shapes": dict(sorted(shapes.items())),
-        "ldg_bytes_per_thread": sum(ldg_bytes(m) for _, m, _ in instrs if classify(m) == "ldg")}
+        "ldg_bytes_per_thread": sum(ldg_bytes(m) for _, m, _ in instrs if classify(m) == "ldg"),
+        "stream_bytes_per_thread": stream_bytes(instrs)}
+
+
+def stream_bytes(instrs) -> int:
+    """Bytes per thread of the streaming loads: the global loads of the widest width in ``instrs``.
+
+    A streaming kernel loads its tile with vector loads (``LDG.E.128``) and a few per-row scalars with
+    narrow ones; counting only the widest keeps the scalars out of "elements per thread".
+    """
+    widths = [ldg_bytes(m) for _, m, _ in instrs if classify(m) == "ldg"]
+    return max(widths) * widths.count(max(widths)) if widths else 0
 
 
 def loops(instrs) -> list[dict]:
@@ -127,7 +145,8 @@ def loops(instrs) -> list[dict]:
         if mnem.split(".")[0] != "BRA":
             continue
         m = _BRA_TARGET.search(ops)
-        if m and int(m.group(1), 16) <= addr:
+        # A branch to itself is the trap after EXIT that pads every kernel, not a loop.
+        if m and int(m.group(1), 16) < addr:
             found.append((int(m.group(1), 16), addr))
     found = sorted(set(found))
     out = []
