@@ -45,15 +45,16 @@ def reward_w7(completions, **_):
     return [c.split().count("w7") / max(1, len(c.split())) for c in completions]
 
 
-def main(max_steps: int = 2):
+def main(max_steps: int = 2, one_pass: bool = True):
     dataset = Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5", "w6 w8 w9", "w10"] * 4})
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=max_steps, per_device_train_batch_size=4,
                       num_generations=4, max_completion_length=8, learning_rate=1e-3, logging_steps=1,
-                      epsilon_high=0.28, top_entropy_quantile=0.8, temperature=0.9, entropy_coef=0.01,
+                      epsilon_high=0.28, temperature=0.9, entropy_coef=0.01,
                       report_to=[], use_cpu=True, bf16=False, save_strategy="no", gradient_checkpointing=False)
     trainer = FusedGRPOTrainer(model=tiny_model(), reward_funcs=reward_w7, args=args, train_dataset=dataset,
-                               processing_class=tiny_tokenizer())
-    print("entropy-ops path:", trainer.fused_plan.path)  # "fused": log-probs, entropies and loss
+                               processing_class=tiny_tokenizer(), fused_one_pass=one_pass)
+    # "fused": log-probs, entropies and loss by entropy-ops; one_pass: the gradient formed in the forward
+    print("entropy-ops path:", trainer.fused_plan.path, "one pass:", trainer.fused_plan.one_pass)
     trainer.train()
     history = [h for h in trainer.state.log_history if "loss" in h]
     for h in history:

@@ -244,6 +244,7 @@ def test_example_trains_one_step():
     """The example end to end: generation, scoring through our fused head, our loss, one optimizer step."""
     from integration_utils import load_example
 
-    history = load_example("trl_grpo").main(max_steps=1)
-    assert len(history) == 1
-    assert torch.isfinite(torch.tensor(history[0]["loss"])) and history[0]["entropy"] > 0
+    for one_pass in (True, False):
+        history = load_example("trl_grpo").main(max_steps=1, one_pass=one_pass)
+        assert len(history) == 1
+        assert torch.isfinite(torch.tensor(history[0]["loss"])) and history[0]["entropy"] > 0

@@ -57,3 +57,44 @@ def test_two_passes_where_one_pass_cannot_apply(setup, config, match):
     with pytest.warns(fused_trl.FusedFallbackWarning, match=match):
         ours = make_trainer(fused_trl.FusedGRPOTrainer, setup, fused=dict(fused_one_pass=True), **config)
     assert ours.fused_plan.path == "fused" and not ours.fused_plan.one_pass
+
+
+def even_words(completions, **_):
+    """Fraction of the words ``w<k>`` with an even ``k``: varies within every group, so advantages are non-zero."""
+    return [sum(int(w[1:]) % 2 == 0 for w in c.split() if w[1:].isdigit()) / max(1, len(c.split()))
+            for c in completions]
+
+
+def test_training_steps_match_trl():
+    """Two optimizer steps of ``train()`` (generation, TRL's scoring, loss, AdamW) from the same seed: stock
+    TRL, FusedGRPOTrainer in two passes and in one pass log the same losses and end with the same weights (SGD:
+the update is linear in the gradient, so the weights compare at the gradients' precision)."""
+    import tempfile
+
+    import torch
+    from datasets import Dataset
+    from integration_utils import load_example
+    from oracle import assert_close
+    from trl import GRPOConfig, GRPOTrainer
+
+    example = load_example("trl_grpo")
+    dataset = Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5", "w6 w8 w9", "w10"] * 2})
+    results = []
+    for cls, fused in ((GRPOTrainer, {}), (fused_trl.FusedGRPOTrainer, {}),
+                       (fused_trl.FusedGRPOTrainer, dict(fused_one_pass=True, fused_token_chunk=5))):
+        args = GRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=4, num_generations=4,
+                          gradient_accumulation_steps=2, max_completion_length=6, optim="sgd", learning_rate=1.0,
+                          lr_scheduler_type="constant",
+                          logging_steps=1, epsilon_high=0.28, entropy_coef=0.01, temperature=0.9, seed=3,
+                          report_to=[], use_cpu=True, bf16=False, save_strategy="no", gradient_checkpointing=False)
+        trainer = cls(model=example.tiny_model(), reward_funcs=even_words, args=args, train_dataset=dataset,
+                      processing_class=example.tiny_tokenizer(), **fused)
+        trainer.train()
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        assert all(h["reward_std"] > 0 for h in history)  # non-zero advantages: the policy term acts
+        results.append((torch.tensor([h["loss"] for h in history]), trainer.model.lm_head.weight.detach().clone()))
+    (ref_loss, ref_w), *ours = results
+    assert len(ref_loss) == 2 and ref_loss.abs().min() > 1e-3 and (ref_w - example.tiny_model().lm_head.weight).abs().max() > 1e-3  # it trained
+    for loss, w in ours:
+        assert_close(loss, ref_loss, 1e-4, "logged losses")
+        assert_close(w, ref_w, 1e-5, "lm_head after two steps", rowwise=True)
