@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .gpus import GPUS, GPU
+from .gpus import GPU, GPUS, MiB
 from .shapes import PRESETS, Shape, parse_shapes
 
 STATIC_REPORT = Path(__file__).parent / "results" / "static-report.json"
@@ -178,14 +178,26 @@ def logits_floor(shape: Shape, dtype: str, mode: str, gpu: GPU) -> float:
 # ---------------------------------------------------------------------------------- hidden-state op
 @dataclass(frozen=True)
 class LinearDesign:
-    """A hidden-state op design. ``kind``: ``"chunked"`` (vocab chunks of ``chunk`` columns; GEMMs in
-    cuBLAS or Triton; a workspace ``[N, chunk]`` in the input dtype; no atomics) or ``"atomic"``
-    (the fused Triton kernels with fp32 atomics for dh and dW)."""
+    """A hidden-state op design, as pieces.
+
+    ``kind="chunked"``: the vocabulary in chunks of ``chunk`` columns (``None``: the library's default,
+    ``max(N D, 16 MiB) / (N e)``, i.e. ``D / 2`` for 16-bit inputs at large ``N``), no atomics.
+    ``forward``: ``"triton"`` (fused tiles: GEMM + statistics epilogue, partial statistics merged per
+    chunk) or ``"cublas"`` (GEMM into an ``[N, Vc]`` workspace, then a statistics pass over it).
+    ``recompute``: ``"triton"`` (a fused tile kernel recomputes the logits and writes ``dz``) or
+    ``"cublas"`` (GEMM into the workspace, then a ``dz`` pass). ``dW[chunk] = dz^T h`` and
+    ``dh += dz W[chunk]`` always run in cuBLAS (fp32 ``dh`` read and written per chunk). The one-pass
+    loss keeps the whole ``[n, V]`` logits of a token chunk in a workspace: forward tiles store them,
+    one in-place ``dz`` pass, then ``dh = dz W`` and ``dW (+)= dz^T h``.
+    ``kind="atomic"``: the earlier fused Triton design with fp32 atomics for ``dh`` and ``dW``.
+    Triton GEMM pieces run at the cuBLAS rate times :func:`triton_gemm_efficiency` of their static row.
+    """
 
     name: str
     kind: str
-    chunk: int = 4096
-    forward: str = "cublas"  # chunked: "cublas" (GEMM into the workspace + stats pass) or "triton" (fused)
+    chunk: int | None = None
+    forward: str = "triton"
+    recompute: str = "triton"
     block_n: int = 128
     block_v: int = 64
     bwd_block_n: int = 64
@@ -193,13 +205,23 @@ class LinearDesign:
 
 
 DESIGNS = {
-    # The design LINEAR moves to: per vocab chunk, z = h W_c^T into a bf16 workspace, a statistics pass;
-    # backward recomputes z, overwrites it with dz, then dW_c = dz^T h and dh += dz W_c (cuBLAS).
-    "chunked": LinearDesign("chunked (cuBLAS GEMMs, workspace, no atomics)", "chunked"),
-    # The fused Triton design before it: split-vocab forward (128x64 tiles), backward 64x128 tiles with
+    # What entropy_ops.linear_triton ships: fused Triton forward tiles (128 x 128 x 64), a fused Triton
+    # recompute + dz kernel per chunk, cuBLAS gradient matmuls, Vc = D / 2 (16-bit).
+    "chunked": LinearDesign("chunked: Triton fused tiles, cuBLAS gradient GEMMs, no atomics", "chunked"),
+    # The portable pattern of verl / Liger's non-Hopper paths: every GEMM in cuBLAS, statistics and dz as
+    # bandwidth passes over a bf16 [N, Vc] workspace (Vc = 4096).
+    "cublas": LinearDesign("chunked: every GEMM in cuBLAS, workspace passes", "chunked", chunk=4096,
+                           forward="cublas", recompute="cublas"),
+    # The fused Triton design before: split-vocab forward (128 x 64 tiles), backward 64 x 128 tiles with
     # fp32 RED into dh [N, D] and dW [V, D].
-    "atomic": LinearDesign("atomic (fused Triton, fp32 RED)", "atomic"),
+    "atomic": LinearDesign("atomic: fused Triton, fp32 RED", "atomic"),
 }
+
+
+def _chunk(design: LinearDesign, n: int, d: int, v: int, e: int) -> int:
+    if design.chunk is not None:
+        return min(design.chunk, v)
+    return min(v, max(128, max(n * d, 16 * MiB) // (n * e) // 128 * 128))
 
 
 def linear_op(shape: Shape, dtype: str, gpu: GPU, rows: list[dict], design: LinearDesign) -> dict[str, list[Piece]]:
@@ -209,8 +231,10 @@ def linear_op(shape: Shape, dtype: str, gpu: GPU, rows: list[dict], design: Line
     if design.kind == "atomic":
         fwd_row = static_row(rows, LINEAR_MODULE, "fwd", dtype, tensor_core=True)
         bwd_row = static_row(rows, LINEAR_MODULE, "bwd", dtype, tensor_core=True)
-        eff_f, _ = triton_gemm_efficiency(fwd_row)
-        eff_b, _ = triton_gemm_efficiency(bwd_row)
+        # Those kernels are gone from the tree; without their static rows, the review's SASS facts stand
+        # in (TARGETS.md: forward HGMMA 64x64x16 -> 0.6; backward 64x16 / 64x32 HGMMAs -> 0.35).
+        eff_f = triton_gemm_efficiency(fwd_row)[0] if fwd_row else 0.6
+        eff_b = triton_gemm_efficiency(bwd_row)[0] if bwd_row else 0.35
         resident = gpu.sms * max(1, (fwd_row or {}).get("ctas", 1))
         # Forward: every program re-reads its [block_n, D] rows of h for each vocab tile.
         h_reads = reread_bytes(h, v / design.block_v, resident * design.block_n * d * e, gpu)
@@ -222,29 +246,43 @@ def linear_op(shape: Shape, dtype: str, gpu: GPU, rows: list[dict], design: Line
         bwd_gemm.atomic_bytes = red
         bwd_gemm.bounds["atomics"] = red / gpu.red_bw
         bwd = [bwd_gemm, bandwidth_piece("dW fp32 -> weight dtype", v * d * (4 + e), gpu)]
-        one_pass = None
+        return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}
+
+    vc = _chunk(design, n, d, v, e)
+    chunks = math.ceil(v / vc)
+    h_per_chunk = reread_bytes(h, chunks, h, gpu)  # each chunk's GEMMs read h again unless it stays in L2
+    partials = 2 * 12.0 * n * v / 128  # fp32 (m, S, T) per 128-column tile, written then merged
+    fwd_row = static_row(rows, LINEAR_MODULE, "fwd", dtype, tensor_core=True)
+    grad_row = static_row(rows, LINEAR_MODULE, "logit_grad", dtype, tensor_core=True)
+    if design.forward == "triton":
+        fwd = [gemm_piece("fused forward tiles (Triton)", mm, h_per_chunk + w + partials, gpu,
+                          triton_gemm_efficiency(fwd_row)[0])]
     else:
-        chunks = math.ceil(v / design.chunk)
-        ws = n * min(design.chunk, v) * e  # one chunk's [N, Vc] workspace
-        h_chunk_reads = reread_bytes(h, chunks, h, gpu)  # h is re-read by each chunk's GEMMs unless it fits
-        if design.forward == "cublas":
-            fwd = [gemm_piece("z = h W^T per chunk (cuBLAS)", mm, h_chunk_reads + w + n * v * e, gpu),
-                   bandwidth_piece("statistics pass over z", n * v * e + 16 * n * chunks, gpu)]
-        else:
-            fwd_row = static_row(rows, LINEAR_MODULE, "fwd", dtype, tensor_core=True)
-            fwd = [gemm_piece("fused fwd (Triton)", mm, h_chunk_reads + w, gpu, triton_gemm_efficiency(fwd_row)[0])]
-        dh_acc = n * d * 4 * 2 * chunks  # fp32 dh read + written by each chunk's addmm
-        grad = [bandwidth_piece("dz pass (read z, write dz)", 2 * n * v * e, gpu),
-                gemm_piece("dW_c = dz^T h (cuBLAS)", mm, h_chunk_reads + n * v * e + w, gpu),
-                gemm_piece("dh += dz W_c (cuBLAS)", mm, n * v * e + w + dh_acc, gpu),
-                bandwidth_piece("dh fp32 -> input dtype", n * d * (4 + e), gpu)]
-        recompute = gemm_piece("recompute z (cuBLAS)", mm, h_chunk_reads + w + n * v * e, gpu)
-        bwd = [recompute, *grad]
-        one_pass = [fwd[0], *fwd[1:], *grad] if ws else None
-    out = {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}
-    if one_pass is not None:
-        out["one_pass"] = one_pass
-    return out
+        fwd = [gemm_piece("z = h W_c^T (cuBLAS)", mm, h_per_chunk + w + n * v * e, gpu),
+               bandwidth_piece("statistics pass over z", n * v * e + 16 * n * chunks, gpu)]
+    if design.recompute == "triton":
+        recompute = [gemm_piece("recompute + dz tiles (Triton)", mm, h_per_chunk + w + n * v * e, gpu,
+                                triton_gemm_efficiency(grad_row)[0])]
+    else:
+        recompute = [gemm_piece("recompute z (cuBLAS)", mm, h_per_chunk + w + n * v * e, gpu),
+                     bandwidth_piece("dz pass (read z, write dz)", 2 * n * v * e, gpu)]
+    dh_acc = n * d * 4 * 2 * chunks  # fp32 dh read + written by each chunk's addmm
+    grads = [gemm_piece("dW_c = dz^T h (cuBLAS)", mm, h_per_chunk + n * v * e + w, gpu),
+             gemm_piece("dh += dz W_c (cuBLAS)", mm, n * v * e + w + dh_acc, gpu),
+             bandwidth_piece("dh fp32 -> input dtype", n * d * (4 + e), gpu)]
+    bwd = recompute + grads
+    # One-pass: per token chunk of n_c = min(N, 4 D / e) rows, forward tiles store the logits in an
+    # [n_c, V] workspace, one in-place dz pass, dh = dz W (over all V), dW (+)= dz^T h_c.
+    n_c = min(n, max(128, 4 * d // e))
+    t_chunks = math.ceil(n / n_c)
+    w_per_chunk = reread_bytes(w, t_chunks, w, gpu)
+    one_pass = [gemm_piece("forward tiles storing logits (Triton)", mm, h + w_per_chunk + n * v * e + partials, gpu,
+                           triton_gemm_efficiency(fwd_row)[0]),
+                bandwidth_piece("dz in place (read + write)", 2 * n * v * e, gpu),
+                gemm_piece("dh_c = dz W (cuBLAS)", mm, n * v * e + w_per_chunk + n * d * e, gpu),
+                gemm_piece("dW (+)= dz^T h_c (cuBLAS)", mm, n * v * e + h + (v * d * 8 if t_chunks > 1 else 0) * t_chunks,
+                           gpu)]
+    return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd, "one_pass": one_pass}
 
 
 def linear_floor(shape: Shape, mode: str, gpu: GPU) -> float:
@@ -268,7 +306,7 @@ def _row(op, mode, shape, dtype, gpu_key, pieces, floor_s, design=None) -> dict:
 
 
 def model(shapes, gpus=("H100", "H200"), dtype: str = "bf16", rows: list[dict] | None = None,
-          designs=("chunked", "atomic")) -> list[dict]:
+          designs=("chunked", "cublas", "atomic")) -> list[dict]:
     """Modeled rows for the logits op (every shape) and the hidden-state op (shapes with ``D``)."""
     rows = load_static() if rows is None else rows
     out = []
@@ -308,7 +346,9 @@ def modeled_time_for_cell(cell: dict, gpu_key: str, rows: list[dict] | None = No
     if cell["op"] == "logits":
         pieces = logits_op(shape, cell["dtype"], gpu, rows).get(cell["mode"])
     elif cell["op"] in ("linear", "policy") and shape.hidden:
-        pieces = linear_op(shape, cell["dtype"], gpu, rows, DESIGNS[CURRENT_LINEAR_DESIGN]).get(cell["mode"])
+        # policy_loss(config="grpo") on hidden states takes the one-pass form when it trains.
+        mode = "one_pass" if cell["op"] == "policy" and cell["mode"] == "fwd_bwd" else cell["mode"]
+        pieces = linear_op(shape, cell["dtype"], gpu, rows, DESIGNS[CURRENT_LINEAR_DESIGN]).get(mode)
     else:
         return None
     return None if pieces is None else 1e3 * sum(p.time_s for p in pieces)
@@ -340,7 +380,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=",".join(MODEL_PRESETS), help="presets / NxV / NxVxD (benchmarks/shapes.py)")
     p.add_argument("--gpu", default="H100,H200", help=f"comma-separated subset of {','.join(GPUS)}")
     p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16")
-    p.add_argument("--design", default="chunked,atomic", help=f"hidden-state designs: {','.join(DESIGNS)}")
+    p.add_argument("--design", default="chunked,cublas,atomic", help=f"hidden-state designs: {','.join(DESIGNS)}")
     p.add_argument("--static", default=str(STATIC_REPORT), help="static report JSON (python -m benchmarks.static)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     p.add_argument("--markdown", action="store_true", help="print a markdown table instead")

@@ -214,8 +214,9 @@ def test_linear_op_gradients_are_deterministic(cuda, dtype):
 
 
 # --------------------------------------------------------------------------- losses on top of the ops
-@pytest.mark.parametrize("path", ["logits", "hidden"])
+@pytest.mark.parametrize("path", ["logits", "hidden", "hidden-two-pass"])
 def test_policy_loss_matches_float64(cuda, path):
+    """The logits path, the hidden-state path (one-pass by default for GRPO) and its two-pass form."""
     B, T, d, v = 4, 129, 2048, 152064
     g = _gen(8, cuda)
     t = torch.randint(0, v, (B, T), device=cuda, generator=g)
@@ -233,7 +234,11 @@ def test_policy_loss_matches_float64(cuda, path):
         inputs = {"hidden": h, "weight": w}
         ref_inputs = {"hidden": h.detach().double().requires_grad_(True),
                       "weight": w.detach().double().requires_grad_(True)}
-    loss, _ = eo.policy_loss(targets=t, mask=mask, advantages=adv, old_logprobs=old, config="grpo", **inputs)
+    extra = {"one_pass": False} if path == "hidden-two-pass" else {}
+    if extra and "one_pass" not in inspect.signature(eo.policy_loss).parameters:
+        pytest.skip("policy_loss has no one_pass switch")
+    loss, _ = eo.policy_loss(targets=t, mask=mask, advantages=adv, old_logprobs=old, config="grpo", **inputs,
+                             **extra)
     # The same loss on the float64 path (the chunked PyTorch implementation of the same math).
     ref_loss, _ = eo.policy_loss(targets=t, mask=mask, advantages=adv, old_logprobs=old.double(), config="grpo",
                                  backend="torch", **ref_inputs)
