@@ -12,9 +12,10 @@ Two helpers, the same math as the ops they wrap (``logp = s_y - logsumexp(s)``,
   ``autograd.Function``. That op never holds ``[N, V]`` logits anyway; chunking replaces its fp32
   ``d hidden`` for all ``N`` tokens (and that buffer's cast) by one chunk's, while ``d weight`` is added by
   every chunk's launch into one fp32 accumulator (no per-chunk ``[V, D]``). For 16-bit inputs on the Triton
-  path the backward peak drops from ``N D e + V D 4 + D max(4 N, e V)`` to ``N D e + V D 4 + D max(4 n, e R)``
-  bytes (``R <= V`` vocab rows per accumulator block); for fp32 both are ``(N + V) D 4``: the gradients
-  themselves. Exact terms, the CPU path and a worked example in its docstring.
+  path the backward peak goes from ``(N + V) D e + N D (4 + e) + N Vc e`` to
+  ``N D e + V D 4 + D max(n (4 + e) + n Vc' e / D, e R)`` bytes (``R <= V`` vocab rows per accumulator
+  block): it pays when ``N`` exceeds about ``V``. Exact terms, the CPU path and a worked example in its
+  docstring.
 
 Memory below: extra bytes beyond the inputs and what autograd keeps anyway, ``e_z`` / ``e`` the bytes per
 element of the logits / of ``hidden`` and ``weight``.
@@ -24,14 +25,14 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ._dispatch import resolve_backend
 from ._layout import as_rows3d
-from ._validation import check_finite_rows, check_lm_head, check_softcap, check_targets, check_temperature
+from ._validation import check_finite_rows, widen_targets
 from .linear_ops import (
     LinearOpParams,
     linear_backward,
     linear_forward,
     linear_logprobs_and_entropy,
+    linear_op_params,
 )
 from .token_ops import token_logprobs_and_entropy
 from .vocab_parallel import shard_targets  # a block of vocab rows is addressed as a vocab shard
@@ -178,14 +179,15 @@ class ChunkedLinearLogprobsEntropy(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         op = params.op
         h3d = as_rows3d(hidden)
-        flat = targets.reshape(-1).to(torch.int64).contiguous()
+        flat = widen_targets(targets)
         n_rows = flat.numel()
         cdtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         logp, H = (torch.empty(n_rows, dtype=cdtype, device=hidden.device) for _ in range(2))
         stats = torch.empty(3, n_rows, dtype=cdtype, device=hidden.device)
         for r0, r1, index in token_chunks(h3d, params.token_chunk_size):
             logp[r0:r1], H[r0:r1], stats[:, r0:r1] = _launch_forward(h3d[index], weight, bias, flat[r0:r1], op)
-        check_finite_rows(stats[0] + stats[1], flat != op.ignore_index, "logits (hidden @ weight.T)")
+        if op.check_values:
+            check_finite_rows(stats[0] + stats[1], flat != op.ignore_index, "logits (hidden @ weight.T)")
         ctx.save_for_backward(hidden, weight, bias, flat, stats)
         ctx.params = params
         lead = hidden.shape[:-1]
@@ -270,6 +272,7 @@ def chunked_linear_logprobs_and_entropy(
     logit_softcap: float | None = None,
     allow_tf32: bool = False,
     backend: str = "auto",
+    validate="auto",
 ):
     """:func:`~entropy_ops.linear_logprobs_and_entropy` run ``token_chunk_size`` tokens at a time.
 
@@ -282,11 +285,12 @@ def chunked_linear_logprobs_and_entropy(
 
         forward, both forms: 20 N held until backward (fp32 logp, H and [3, N] statistics; 8 N more for
             targets that are not contiguous int64) + one launch's workspace, for n rows instead of N
-            (Triton: (12 s + 4) bytes a row, s vocab splits, 1 from block_n * SMs rows on; CPU: W below
-            + O(rows)); chunked also 20 n for the chunk's own outputs before they are copied
+            (Triton: 36 + 12 Vc / 128 bytes a row, Vc the op's vocab chunk; CPU: W below + O(rows));
+            chunked also 20 n for the chunk's own outputs before they are copied
         backward peak, 16-bit hidden/weight (e = 2; the gradients themselves are (N + V) D e):
-            Triton  unchunked  N D e + V D 4 + D max(4 N, e V)     fp32 dh [N, D] and dW [V, D], then each cast
-                    chunked    N D e + V D 4 + D max(4 n, e R)     one chunk's fp32 dh, the fp32 dW accumulator
+            Triton  unchunked  (N + V) D e + N D (4 + e) + N Vc e     fp32 dh, h operand, dz [N, Vc] (dW in e)
+                    chunked    N D e + V D 4 + D max(n (4 + e) + n Vc' e / D, e R)   per chunk the same for
+                               n rows (Vc' its vocab chunk), plus the fp32 dW accumulator
             CPU     unchunked  max(N D (4 + e) + V D e, N D 4 + V D e + W)
                     chunked    N D e + V D 4 + max(n D 4 + W, R D e)
         backward peak, fp32 (fp64 on the CPU path with 8 for 4): (N + V) D 4 (+ W on the CPU), both forms
@@ -307,27 +311,19 @@ def chunked_linear_logprobs_and_entropy(
     whose rows do not flatten is copied (``n D e``, the unchunked op ``N D e``).
 
     Example, Qwen2.5-7B lm_head (``V = 152064``, ``D = 3584``), bf16, ``N = 131072``, ``n = 8192``
-    (``R = 16384``, 10 blocks): gradients 2.03 GB; Triton backward peak unchunked 5.00 GB
-    (``4 N > e V``: the fp32 ``dh`` and its cast), chunked 3.24 GB (``4 n = e R``), a saving of
-    ``(N - n) D 4`` = 1.76 GB. CPU:
+    (``R = 16384``, 10 blocks): gradients 2.03 GB; Triton backward peak unchunked 5.32 GB
+    (``Vc = 1792``: fp32 ``dh`` 1.88 GB, ``h`` operand 0.94 GB, ``dz`` 0.47 GB), chunked 3.33 GB
+    (``Vc' = 1024``). CPU:
     unchunked 3.91 GB, chunked 3.24 GB + ``W``. In fp32: 4.06 GB both ways. Every chunk is a separate
     launch per ``dW`` block (``ceil(N / n) ceil(V / R)`` of them): choose ``n`` in the thousands on a GPU.
     Neither form ever holds ``[N, V]`` logits.
     """
-    check_lm_head(hidden, weight, bias)
     size = _check_chunk_size(token_chunk_size)
-    temperature = check_temperature(temperature)
-    logit_softcap = check_softcap(logit_softcap)
-    if not isinstance(allow_tf32, bool):
-        raise TypeError(f"allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
-    n_rows = hidden.numel() // hidden.shape[-1]
+    n_rows = hidden.numel() // hidden.shape[-1] if isinstance(hidden, torch.Tensor) and hidden.dim() else 0
     if size >= n_rows:  # one chunk: the op itself
         return linear_logprobs_and_entropy(hidden, weight, targets, bias=bias, temperature=temperature,
                                            ignore_index=ignore_index, logit_softcap=logit_softcap,
-                                           allow_tf32=allow_tf32, backend=backend)
-    check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, hidden.device)
-    resolved = resolve_backend(backend, hidden.device)
-    if resolved == "triton" and hidden.dtype == torch.float64:
-        raise TypeError("hidden must be fp32, bf16 or fp16 on the Triton backend, got torch.float64")
-    params = ChunkedLinearParams(LinearOpParams(temperature, ignore_index, resolved, logit_softcap, allow_tf32), size)
-    return ChunkedLinearLogprobsEntropy.apply(hidden, weight, bias, targets, params)
+                                           allow_tf32=allow_tf32, backend=backend, validate=validate)
+    op = linear_op_params(hidden, weight, bias, targets, temperature=temperature, ignore_index=ignore_index,
+                          logit_softcap=logit_softcap, allow_tf32=allow_tf32, backend=backend, validate=validate)
+    return ChunkedLinearLogprobsEntropy.apply(hidden, weight, bias, targets, ChunkedLinearParams(op, size))
