@@ -308,3 +308,45 @@ def test_docs_code_blocks_run_as_written():
     assert len(blocks) >= 2 and "entropy_ops.patch(" in blocks[0]
     for block in blocks:
         exec(compile(block, "docs/integrations.md", "exec"), {})
+
+
+def test_transformers_trainer_with_gradient_accumulation(tmp_path, monkeypatch):
+    """A patched model in transformers' Trainer (2 steps, gradient accumulation: the Trainer passes
+    num_items_in_batch) ends with the parameters of the stock run."""
+    import sys
+
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    patch_module = sys.modules["entropy_ops.patch"]  # the module (entropy_ops.patch is the function)
+    seen, loss_fn = [], patch_module.causal_lm_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["num_items_in_batch"])
+        return loss_fn(*args, **kwargs)
+
+    monkeypatch.setattr(patch_module, "causal_lm_loss", spy)
+
+    def train(patched):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**dict(COMMON, vocab_size=97)))
+        if patched:
+            entropy_ops.patch(model)
+        g = torch.Generator().manual_seed(1)
+        data = []
+        for i in range(8):
+            ids = torch.randint(0, 97, (12,), generator=g)
+            data.append(dict(input_ids=ids, labels=torch.where(torch.arange(12) < 3 + i % 4, -100, ids)))
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / str(patched)), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            max_steps=2, learning_rate=1e-2, report_to=[], logging_steps=1, save_strategy="no", use_cpu=True,
+            seed=0, disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        return model, [x["loss"] for x in trainer.state.log_history if "loss" in x]
+
+    stock, stock_losses = train(False)
+    fused, fused_losses = train(True)
+    assert len(fused_losses) == 2 and len(seen) == 4 and all(n is not None for n in seen)
+    for a, e in zip(fused_losses, stock_losses):
+        assert abs(float(a) - float(e)) <= 1e-5 * abs(float(e))
+    for (name, p), q in zip(fused.named_parameters(), stock.parameters()):
+        assert (p - q).abs().max() <= 1e-5, name
