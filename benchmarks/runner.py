@@ -189,6 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     results, out_dir = run(argv)
     print(report.console_table(results))
+    if results["environment"].get("device") == "cuda":
+        # Measured beside modeled (benchmarks.perf_model), saved into the results file too.
+        from .gpus import gpu_for_device_name
+
+        gpu_key = gpu_for_device_name(results["environment"].get("device_name"))
+        results["model_vs_measured"] = report.model_vs_measured(results, gpu_key)
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+        print(f"\nmeasured vs modeled ({gpu_key or 'no model for this GPU'}):")
+        print(report.measured_table(results["model_vs_measured"]))
     if not results["settings"]["no_plots"]:
         from .plots import draw_all
 
