@@ -29,7 +29,8 @@ Memory (bytes beyond the inputs and the returned gradients; ``e`` the input's el
 gradient-matmul dtype's (2 for 16-bit inputs, 4 for fp32), ``B_N = 128`` token rows per tile, ``B_V``
 vocab columns per tile)::
 
-    forward        N (36 + 12 Vc / B_V)                        statistics, outputs, one chunk's tile partials
+    forward        N (36 + 12 Vf / B_V)                        statistics, outputs, one chunk's tile partials
+                                                               (Vf = 16 Vc: at most 1.5 N Vc)
     backward peak  N D 4 [16-bit hidden] + N D e_g + N Vc e_g + 4 Vc ceil(N / B_N) [bias]
                    + fp16 weight: Vc D 6
 
@@ -48,6 +49,7 @@ from ._dispatch import triton_interpreting
 
 MATMULS = ("auto", "cublas", "triton")
 DZ_BUDGET_MIN = 16 << 20
+FORWARD_CHUNKS = 16  # backward vocab chunks per forward chunk (see forward_chunks)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -174,7 +176,11 @@ def forward_chunks(h3d, weight, bias, targets, params, *, config=None, vocab_chu
     if workspace is not None:
         vc = _cdiv(V, cfg.block_v) * cfg.block_v
     else:
-        vc = vocab_chunk_size(n_rows, D, V, gemm_dtype(h3d.dtype).itemsize, cfg.block_v, vocab_chunk)
+        # The forward holds no dz buffer, only [3, Vf / B_V, N] fp32 tile statistics: chunks of
+        # Vf = FORWARD_CHUNKS x Vc columns keep them at 1.5 N Vc bytes (< the backward's N Vc e_g dz buffer)
+        # with a sixteenth of the launches.
+        vc = FORWARD_CHUNKS * vocab_chunk_size(n_rows, D, V, gemm_dtype(h3d.dtype).itemsize, cfg.block_v,
+                                               vocab_chunk)
     part = torch.empty(3, vc // cfg.block_v, n_rows, dtype=torch.float32, device=dev)
     run = torch.empty(3, n_rows, dtype=torch.float32, device=dev)
     run[0].fill_(float("-inf"))
@@ -307,6 +313,7 @@ def onepass_chunk(h3d, weight, bias, targets, params, needs, grad_fn, *, config=
             dh_rows.copy_(matmul_into(torch.empty(n_rows, D, dtype=torch.float32, device=dev), ws, w_g,
                                       accumulate=False, method=method))
     if need_w:
-        matmul_into(dw_acc, ws.t(), rows2d(h3d, targets != params.ignore_index, gd), accumulate=not dw_first, method=method,
+        h2d = rows2d(h3d, targets != params.ignore_index, gd)
+        matmul_into(dw_acc, ws.t(), h2d, accumulate=not dw_first, method=method,
                     allow_tf32=params.allow_tf32)
     return logp, H, stats

@@ -406,8 +406,8 @@ def compile_specs() -> list[LaunchSpec]:
                                 stride_ws_row=v, inv_tau=1.0, softcap=30.0, ignore_index=-100,
                                 BLOCK_N=fwd.block_n, BLOCK_V=fwd.block_v, BLOCK_D=fwd.block_d, **meta,
                                 STORE_LOGITS=store)
-                    specs.append(LaunchSpec(_linear_logprobs_entropy_fwd, args, fwd.num_warps, fwd.num_stages,
-                                            f"forward [{dt}{' tf32' if tf32 else ''}]" + (" one-pass" if store else "")))
+                    label = f"forward [{dt}{' tf32' if tf32 else ''}]" + (" one-pass" if store else "")
+                    specs.append(LaunchSpec(_linear_logprobs_entropy_fwd, args, fwd.num_warps, fwd.num_stages, label))
                 for grad_bias in ((False, True) if has_bias else (False,)):
                     args = dict(common, stats_ptr=Pointer("fp32"), grad_logp_ptr=Pointer("fp32"),
                                 grad_entropy_ptr=Pointer("fp32"), dz_ptr=Pointer(gd), db_part_ptr=Pointer("fp32"),
