@@ -31,14 +31,34 @@ reading them once plus writing ``dz`` once backward):
   per-tile max and sums reduce inside the thread, one exp per element, no
   shuffle and no barrier in the loop. Full tiles run unmasked (their loads stay
   vectorized whatever ``V``); one masked tile handles the tail. The lanes are
-  merged once after the loop (one block reduction per row).
+  merged once after the loop (one block reduction per row). 16-byte loads need
+  16-byte aligned rows: a row stride that is a multiple of 8 elements (16-bit) or
+  4 (fp32), as every real vocabulary size is; other strides fall back to narrower
+  loads (still correct).
 - Backward: no row loop. Each program recomputes ``p`` for one ``BLOCK`` of one
   row from the 3 saved fp32 statistics and writes ``dz`` (vectorized unmasked
   store except in a row's last block).
 
-SASS facts and the modeled speed (sm_90, bf16, as the runtime specializes a
-contiguous ``[32768, 152064]`` launch; ``python -m benchmarks.static``) are in
-the constants' comments below and in docs/performance.md.
+Compiled code (sm_90, as the runtime specializes a contiguous ``[32768, V]`` launch: unit vocab
+stride a constant, strides and pointers divisible by 16; ``python -m benchmarks.static``), bf16:
+
+- forward (BLOCK 4096, 8 warps): 32 registers, 8 CTAs/SM; loop body 168 instructions per thread
+  per iteration = 16 logits (two ``LDG.E.128``) -> 10.5 instructions and 1.125 ``MUFU.EX2`` per
+  logit, no barrier and no shuffle in the loop; one block reduction after it (5 ``BAR.SYNC``).
+  Per row with the prologue, the masked tail and the epilogue (426 instructions): 11.2 per logit
+  at V = 152064, 12.8 at V = 32000, 10.9 at V = 262144. fp16 10.0, fp32 (BLOCK 2048) 10.6 per
+  logit in the loop.
+- backward (BLOCK 8192, 8 warps): 32 registers, 8 CTAs/SM, four ``LDG.E.128`` and four
+  ``STG.E.128`` per thread, no loop; 469 instructions per thread on a full block = 14.7 per
+  logit (prologue included), one ``MUFU.EX2`` per logit; the per-row barrier pair only in the
+  one program that holds the target.
+
+Model (time = max(bytes / copy bandwidth, instructions / issue rate, MUFU / MUFU rate); 132 SMs,
+4 warp-instructions and 16 MUFU results per SM per clock at 1.755 GHz; copy bandwidth 3.0 TB/s
+H100, 4.3 TB/s H200; N = 32768, bf16): every kernel is bandwidth-bound, fwd+bwd at 100% of the
+copy floor on both GPUs at V = 32000, 152064 and 262144. The least issue headroom is the
+H200 forward at V = 32000 (issue 0.45 ms vs bytes 0.49 ms: 92% of the issue rate needed);
+elsewhere the issue time is 37-81% of the bytes time. Modeled, not yet measured on a GPU.
 """
 import triton
 import triton.language as tl
