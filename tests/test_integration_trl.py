@@ -18,7 +18,8 @@ from entropy_ops.integrations import trl as fused_trl  # noqa: E402
 from oracle import assert_close  # noqa: E402
 
 VOCAB, P, C, B = 97, 4, 7, 5  # vocab, prompt and completion columns, rows
-REL = 1e-5  # fp32 on both sides
+REL = 1e-5  # fp32 on both sides: our head against TRL's (different summation order through the body)
+REL_SAME_HEAD = 2e-6  # our loss against TRL's loss code on the same fused log-probs
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +139,10 @@ def compare(setup, seed, inputs_kwargs=None, *, use_vllm=False, fused_backend=No
     ours = make_trainer(fused_trl.FusedGRPOTrainer, setup, fused_backend=fused_backend, fused=fused, **config)
     assert ours.fused_plan.path == "fused"
     assert ours.fused_plan.one_pass == bool((fused or {}).get("fused_one_pass"))
-    for trainer in (reference, ours):  # vLLM cannot run here: TRL's loss reads these two attributes
+    # TRL's own loss code on our fused log-probs: the loss composition alone, without the two heads' rounding
+    trl_loss = make_trainer(fused_trl.FusedGRPOTrainer, setup, fused_backend=fused_backend,
+                            fused=dict(fused or {}, fused_loss=False, fused_one_pass=False), **config)
+    for trainer in (reference, ours, trl_loss):  # vLLM cannot run here: TRL's loss reads these two attributes
         trainer.use_vllm = use_vllm
     inputs = make_inputs(reference, seed, **(inputs_kwargs or {}))
     for _ in range(calls):
@@ -148,6 +152,11 @@ def compare(setup, seed, inputs_kwargs=None, *, use_vllm=False, fused_backend=No
         for name in ref_grads:
             assert_close(our_grads[name], ref_grads[name], REL, f"d loss / d {name}", rowwise=True)
         assert ref_grads["lm_head"].abs().max() > 1e-4  # the case is not vacuous
+        same_head_loss, same_head_grads = loss_and_grads(trl_loss, inputs)
+        assert_close(our_loss, same_head_loss, REL_SAME_HEAD, "loss (same head)")
+        for name in ref_grads:
+            assert_close(our_grads[name], same_head_grads[name], REL_SAME_HEAD, f"d loss / d {name} (same head)",
+                         rowwise=True)
     assert_same_metrics(ours, reference)
     return ours, reference, inputs
 
