@@ -79,6 +79,8 @@ from dataclasses import dataclass
 import torch
 
 from ._validation import check_float_tensor, widen_targets
+from .policy_checks import one_pass_eligible  # noqa: F401  (public: integrations ask it before a one-pass call)
+from .policy_checks import check_policy_inputs, check_token_inputs, use_one_pass
 
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 # Log-ratios (policy/old and ref/policy) are capped at 20 before exp (verl clamps its log-ratio to
@@ -182,71 +184,6 @@ def _resolve_config(config) -> PolicyLossConfig:
     if isinstance(config, str):
         return PolicyLossConfig.preset(config)
     raise TypeError(f"config must be a PolicyLossConfig or a preset name, got {type(config).__name__}")
-
-
-def _check_inputs(targets, mask, advantages, logits, hidden, weight, bias, old_logprobs, ref_logprobs, cfg):
-    """Shapes, dtypes and devices of the O(tokens) inputs, and exactly one input path. Returns bool mask."""
-    if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
-        raise ValueError(f"targets must be a [B, T] integer tensor, got "
-                         f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}")
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"targets must have an integer dtype, got {targets.dtype}")
-    if targets.numel() == 0:
-        raise ValueError(f"targets must be a non-empty [B, T] tensor, got shape {tuple(targets.shape)}")
-    mask = _check_token_inputs(targets.shape, targets.device, mask, advantages, old_logprobs, ref_logprobs, cfg)
-    _check_input_path(targets.shape, logits, hidden, weight, bias)
-    return mask
-
-
-def _check_token_inputs(shape, device, mask, advantages, old_logprobs, ref_logprobs, cfg):
-    """The per-token tensors (mask, advantages, old / ref log-probs) against ``shape``; returns a bool mask."""
-    if not isinstance(mask, torch.Tensor) or mask.shape != shape:
-        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask must be a tensor of the targets' shape {tuple(shape)}, got {got}")
-    if mask.device != device:
-        raise ValueError(f"mask must be on the targets' device ({device}), got {mask.device}")
-    if mask.dtype != torch.bool:
-        if mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):  # host sync (non-bool only)
-            raise ValueError("mask must be bool or hold only 0/1 values")
-        mask = mask != 0
-    check_float_tensor("advantages", advantages)
-    if advantages.shape not in (shape[:1], shape) or advantages.device != device:
-        raise ValueError(f"advantages must have shape ({shape[0]},) or {tuple(shape)} on {device}, "
-                         f"got {tuple(advantages.shape)} on {advantages.device}")
-    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
-        if x is not None:
-            check_float_tensor(name, x)
-            if x.shape != shape or x.device != device:
-                raise ValueError(f"{name} must have the targets' shape {tuple(shape)} on {device}, "
-                                 f"got {tuple(x.shape)} on {x.device}")
-    if cfg.beta > 0 and ref_logprobs is None:
-        raise ValueError(f"ref_logprobs is required when beta > 0 (beta={cfg.beta})")
-    # The one check that needs the advantages' values: a host sync, only on this tensor.
-    bad = ~torch.isfinite(advantages) & (mask if advantages.dim() == 2 else mask.any(-1))
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"advantages must be finite on valid tokens; found {advantages[idx].item()} at index {idx}")
-    return mask
-
-
-def _check_input_path(shape, logits, hidden, weight, bias):
-    """Exactly one of: logits ``[B, T, V]``, or hidden ``[B, T, D]`` with weight (+ bias)."""
-    if logits is not None:
-        if hidden is not None or weight is not None or bias is not None:
-            raise ValueError("pass either logits or hidden + weight (+ bias), not both")
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != shape:
-            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ValueError(f"logits must have shape [{shape[0]}, {shape[1]}, V], got {got}")
-    elif hidden is not None or weight is not None:
-        if hidden is None or weight is None:
-            raise ValueError("the hidden-state path needs both hidden [B, T, D] and weight [V, D]")
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[:2] != shape:
-            got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-            raise ValueError(f"hidden must have shape [{shape[0]}, {shape[1]}, D], got {got}")
-    else:
-        if bias is not None:
-            raise ValueError("bias given without hidden and weight")
-        raise ValueError("pass logits [B, T, V], or hidden [B, T, D] with weight [V, D]")
 
 
 # ---------------------------------------------------------------- the pieces (O(tokens))
@@ -424,8 +361,9 @@ def policy_loss(*, targets, mask, advantages, logits=None, hidden=None, weight=N
     fused op's target range); the loss and the metrics stay on the device.
     """
     cfg = _resolve_config(config)
-    valid = _check_inputs(targets, mask, advantages, logits, hidden, weight, bias, old_logprobs, ref_logprobs, cfg)
-    if _use_one_pass(one_pass, cfg, logits, hidden, weight, bias):
+    valid = check_policy_inputs(targets, mask, advantages, logits, hidden, weight, bias, old_logprobs, ref_logprobs,
+                                cfg)
+    if use_one_pass(one_pass, cfg, logits, hidden, weight, bias):
         from .policy_onepass import one_pass_policy_loss
 
         return one_pass_policy_loss(targets, valid, advantages, hidden, weight, bias, old_logprobs, ref_logprobs, cfg,
@@ -435,26 +373,6 @@ def policy_loss(*, targets, mask, advantages, logits=None, hidden=None, weight=N
                                       logit_softcap, backend, vocab_chunk, validate)
     return _loss_from_token_stats(logp.view(targets.shape), H.view(targets.shape), valid, advantages,
                                   old_logprobs, ref_logprobs, cfg)
-
-
-def _use_one_pass(one_pass, cfg: PolicyLossConfig, logits, hidden, weight, bias) -> bool:
-    """Resolve ``policy_loss``'s ``one_pass`` (see its docstring)."""
-    from .policy_onepass import one_pass_eligible
-
-    if one_pass is not None and not isinstance(one_pass, bool):
-        raise TypeError(f"one_pass must be None, True or False, got {type(one_pass).__name__}")
-    if one_pass is False:
-        return False
-    if one_pass is True:
-        if logits is not None:
-            raise ValueError("one_pass=True needs the hidden-state path (hidden + weight), got logits")
-        if not one_pass_eligible(cfg):
-            raise ValueError("one_pass=True needs importance_sampling_level='token' and top_entropy_quantile=1.0 "
-                             f"(got {cfg.importance_sampling_level!r}, {cfg.top_entropy_quantile}): a sequence "
-                             "ratio or the entropy mask's quantile needs every token before any gradient")
-        return True
-    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
-    return logits is None and needs_grad and one_pass_eligible(cfg)
 
 
 def policy_loss_from_logprobs(logp, entropy, *, mask, advantages, old_logprobs=None, ref_logprobs=None,
@@ -473,7 +391,7 @@ def policy_loss_from_logprobs(logp, entropy, *, mask, advantages, old_logprobs=N
     if entropy.shape != logp.shape or entropy.device != logp.device:
         raise ValueError(f"entropy must have logp's shape {tuple(logp.shape)} on {logp.device}, "
                          f"got {tuple(entropy.shape)} on {entropy.device}")
-    valid = _check_token_inputs(logp.shape, logp.device, mask, advantages, old_logprobs, ref_logprobs, cfg)
+    valid = check_token_inputs(logp.shape, logp.device, mask, advantages, old_logprobs, ref_logprobs, cfg)
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     return _loss_from_token_stats(torch.where(valid, logp, zero), torch.where(valid, entropy, zero), valid,
                                   advantages, old_logprobs, ref_logprobs, cfg)

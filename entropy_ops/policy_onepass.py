@@ -41,13 +41,8 @@ from . import linear_triton
 from ._layout import as_rows3d
 from ._validation import check_finite_rows
 from .linear_ops import LinearOpParams, linear_backward_torch, linear_forward_torch
+from .policy_checks import one_pass_eligible
 from .token_chunking import token_chunks
-
-
-def one_pass_eligible(config) -> bool:
-    """Whether ``config`` (a ``PolicyLossConfig``) allows the one-pass loss: a token-level ratio and no
-    entropy mask (every token's upstream gradient is a function of its own ``logp``, ``H`` and constants)."""
-    return config.importance_sampling_level == "token" and config.top_entropy_quantile >= 1.0
 
 
 def default_token_chunk(n_rows: int, dim: int, gemm_elem: int) -> int:

@@ -1,0 +1,95 @@
+"""Input checks of ``policy_loss`` / ``policy_loss_from_logprobs`` (shapes, dtypes, devices, exactly one input
+path) and the resolution of its ``one_pass`` switch; every message names the argument."""
+import torch
+
+from ._validation import check_float_tensor
+
+
+def one_pass_eligible(config) -> bool:
+    """Whether ``config`` (a ``PolicyLossConfig``) allows the one-pass loss: a token-level ratio and no
+    entropy mask, so that every token's upstream gradient is a function of its own ``logp``, ``H`` and
+    constants (``entropy_ops.policy_onepass``)."""
+    return config.importance_sampling_level == "token" and config.top_entropy_quantile >= 1.0
+
+
+def check_policy_inputs(targets, mask, advantages, logits, hidden, weight, bias, old_logprobs, ref_logprobs, cfg):
+    """Shapes, dtypes and devices of the O(tokens) inputs, and exactly one input path. Returns bool mask."""
+    if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
+        raise ValueError(f"targets must be a [B, T] integer tensor, got "
+                         f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise TypeError(f"targets must have an integer dtype, got {targets.dtype}")
+    if targets.numel() == 0:
+        raise ValueError(f"targets must be a non-empty [B, T] tensor, got shape {tuple(targets.shape)}")
+    mask = check_token_inputs(targets.shape, targets.device, mask, advantages, old_logprobs, ref_logprobs, cfg)
+    check_input_path(targets.shape, logits, hidden, weight, bias)
+    return mask
+
+
+def check_token_inputs(shape, device, mask, advantages, old_logprobs, ref_logprobs, cfg):
+    """The per-token tensors (mask, advantages, old / ref log-probs) against ``shape``; returns a bool mask."""
+    if not isinstance(mask, torch.Tensor) or mask.shape != shape:
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a tensor of the targets' shape {tuple(shape)}, got {got}")
+    if mask.device != device:
+        raise ValueError(f"mask must be on the targets' device ({device}), got {mask.device}")
+    if mask.dtype != torch.bool:
+        if mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):  # host sync (non-bool only)
+            raise ValueError("mask must be bool or hold only 0/1 values")
+        mask = mask != 0
+    check_float_tensor("advantages", advantages)
+    if advantages.shape not in (shape[:1], shape) or advantages.device != device:
+        raise ValueError(f"advantages must have shape ({shape[0]},) or {tuple(shape)} on {device}, "
+                         f"got {tuple(advantages.shape)} on {advantages.device}")
+    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if x is not None:
+            check_float_tensor(name, x)
+            if x.shape != shape or x.device != device:
+                raise ValueError(f"{name} must have the targets' shape {tuple(shape)} on {device}, "
+                                 f"got {tuple(x.shape)} on {x.device}")
+    if cfg.beta > 0 and ref_logprobs is None:
+        raise ValueError(f"ref_logprobs is required when beta > 0 (beta={cfg.beta})")
+    # The one check that needs the advantages' values: a host sync, only on this tensor.
+    bad = ~torch.isfinite(advantages) & (mask if advantages.dim() == 2 else mask.any(-1))
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"advantages must be finite on valid tokens; found {advantages[idx].item()} at index {idx}")
+    return mask
+
+
+def check_input_path(shape, logits, hidden, weight, bias):
+    """Exactly one of: logits ``[B, T, V]``, or hidden ``[B, T, D]`` with weight (+ bias)."""
+    if logits is not None:
+        if hidden is not None or weight is not None or bias is not None:
+            raise ValueError("pass either logits or hidden + weight (+ bias), not both")
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.shape[:2] != shape:
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"logits must have shape [{shape[0]}, {shape[1]}, V], got {got}")
+    elif hidden is not None or weight is not None:
+        if hidden is None or weight is None:
+            raise ValueError("the hidden-state path needs both hidden [B, T, D] and weight [V, D]")
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[:2] != shape:
+            got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise ValueError(f"hidden must have shape [{shape[0]}, {shape[1]}, D], got {got}")
+    else:
+        if bias is not None:
+            raise ValueError("bias given without hidden and weight")
+        raise ValueError("pass logits [B, T, V], or hidden [B, T, D] with weight [V, D]")
+
+
+def use_one_pass(one_pass, cfg, logits, hidden, weight, bias) -> bool:
+    """Resolve ``policy_loss``'s ``one_pass`` (see its docstring): whether this call runs the one-pass loss."""
+    if one_pass is not None and not isinstance(one_pass, bool):
+        raise TypeError(f"one_pass must be None, True or False, got {type(one_pass).__name__}")
+    if one_pass is False:
+        return False
+    if one_pass is True:
+        if logits is not None:
+            raise ValueError("one_pass=True needs the hidden-state path (hidden + weight), got logits")
+        if not one_pass_eligible(cfg):
+            raise ValueError("one_pass=True needs importance_sampling_level='token' and top_entropy_quantile=1.0 "
+                             f"(got {cfg.importance_sampling_level!r}, {cfg.top_entropy_quantile}): a sequence "
+                             "ratio or the entropy mask's quantile needs every token before any gradient")
+        return True
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    return logits is None and needs_grad and one_pass_eligible(cfg)
