@@ -25,7 +25,9 @@ def evaluate(trainer, rows: list[dict]) -> dict:
         return {}
     t0 = time.perf_counter()
     k = cfg.eval_samples
-    chunk = max(1, cfg.num_prompts * cfg.group_size // k)  # prompts per generate call: a rollout batch's rows
+    # prompts per generate call: at least a rollout batch's rows, and 256 rows (per-step overhead of
+    # generate dominates for small models; one rollout batch's memory is what training needs anyway)
+    chunk = max(1, max(cfg.num_prompts * cfg.group_size, 256) // k)
     devices = [trainer.device] if trainer.device.type == "cuda" else []
     greedy_ok, sampled_ok, sampled_reward, ent_sum, tok_sum = [], [], [], 0.0, 0
     greedy_planted = []
