@@ -139,20 +139,26 @@ def length_reward(completions, **_):
 
 
 def test_trl_scoring_with_vllm_sampler_logprobs(setup):
-    """``_generate_and_score_completions`` (TRL's code: old log-probs through our head, the IS ratio) then the loss."""
+    """``_generate_and_score_completions`` (TRL's code: old and reference log-probs through our head, the IS
+    ratio from the sampler's log-probs) then the loss, with TRL's defaults (bias-corrected KL, dapo)."""
     g = torch.Generator().manual_seed(67)
     completions = [torch.randint(2, 90, (int(n),), generator=g).tolist() + [1] for n in (6, 2, 4, 8)]
     logprobs = [(-3.0 + 0.5 * torch.randn(len(c), generator=g)).tolist() for c in completions]
     trainers = []
     for cls in (GRPOTrainer, fused_trl.FusedGRPOTrainer):
-        trainer = make_trainer(cls, setup, beta=0.0, vllm_importance_sampling_mode="token_truncate")
+        trainer = make_trainer(cls, setup, beta=0.04, vllm_importance_sampling_mode="token_truncate")
         trainer.reward_funcs, trainer.reward_func_names = [length_reward], ["length_reward"]
         trainer.use_vllm, trainer.vllm_generation, trainer._last_loaded_step = True, StandInVLLM(completions, logprobs), -1
+        noise = torch.Generator().manual_seed(68)
+        with torch.no_grad():  # the policy a step away from the reference, as in training (KL far from its minimum)
+            for p in trainer.model.parameters():
+                p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=noise))
         trainers.append(trainer)
     batch = [{"prompt": "w1 w2 w3"}] * 4
     scored = [t._generate_and_score_completions(batch) for t in trainers]
     assert_close(scored[1]["old_per_token_logps"], scored[0]["old_per_token_logps"], REL, "old logp")
     assert_close(scored[1]["importance_sampling_ratio"], scored[0]["importance_sampling_ratio"], REL, "IS ratio")
+    assert_close(scored[1]["ref_per_token_logps"], scored[0]["ref_per_token_logps"], REL, "ref logp")
     (ref_loss, ref_grads), (our_loss, our_grads) = (loss_and_grads(t, scored[0]) for t in trainers)
     assert_close(our_loss, ref_loss, REL, "loss")
     assert_close(our_grads["lm_head"], ref_grads["lm_head"], REL, "d loss / d lm_head", rowwise=True)
