@@ -127,8 +127,10 @@ def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumula
                 torch.addmm(out, a, b, out=out)
             else:
                 torch.mm(a, b, out=out)
-        else:  # fp32 out, 16-bit operands: cuBLAS writes its fp32 accumulator (beta = 0 ignores out's values)
-            torch.addmm(out, a, b, out_dtype=torch.float32, beta=1 if accumulate else 0, out=out)
+        elif accumulate:  # fp32 out, 16-bit operands: cuBLAS adds its fp32 accumulator to out (C fp32)
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        else:  # fp32 out, 16-bit operands: cuBLAS writes its fp32 accumulator
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
     else:  # CPU tensors (interpreter runs): the same product in fp32 PyTorch
         prod = a.to(torch.float32) @ b.to(torch.float32)
         if accumulate:
