@@ -296,7 +296,7 @@ def test_formulas_against_trl_static_methods():
             assert_close(got, want, 1e-6, "phi")
 
 
-# ---------------------------------------------------------------- other families (the generic output head)
+# ---------------------------------------------------------------- other families (the generic output head), MoE
 def _family_model(family):
     import transformers
 
@@ -304,6 +304,11 @@ def _family_model(family):
     if family == "gpt2":  # tied embeddings, a different body layout
         config = transformers.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64,
                                          bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    elif family == "mixtral":  # mixture of experts: TRL adds the router's load-balancing loss
+        config = transformers.MixtralConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                            num_experts_per_tok=2, router_aux_loss_coef=0.1, pad_token_id=0,
+                                            bos_token_id=1, eos_token_id=1, attn_implementation="eager")
     else:  # gemma2: final logit soft-cap
         config = transformers.Gemma2Config(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
@@ -315,7 +320,7 @@ def _family_model(family):
     return model
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gemma2"])
+@pytest.mark.parametrize("family", ["gpt2", "gemma2", "mixtral"])
 def test_other_families_match_trl(setup, family):
     tokenizer, _, dataset = setup
     family_setup = (tokenizer, _family_model(family), dataset)
@@ -336,3 +341,4 @@ def test_other_families_match_trl(setup, family):
     assert_close(grads[1], grads[0], REL, "d loss / d output layer", rowwise=True)
     assert grads[0].abs().max() > 1e-4
     assert_same_metrics(ours, reference)
+    assert ("aux_loss" in ours._metrics["train"]) == (family == "mixtral")
