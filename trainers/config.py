@@ -96,6 +96,9 @@ class TrainConfig:
     fsdp_generation: str = _f("full", "parallelism 'fsdp', sampling: 'full' (all-gather the whole model once per generate "
                                       "call: fast, needs the full parameters on each device) or 'blockwise' (one block "
                                       "at a time, at every token: the model's traffic per token, a block's memory).")
+    fsdp_compute_dtype: str | None = _f(None, "parallelism 'fsdp': compute in this dtype ('bfloat16', 'float16') while "
+                                               "shards, gradients and AdamW state keep `dtype` (float32: fp32 master "
+                                               "weights); null: compute in `dtype`.")
 
     # ------------------------------------------------------------ construction
     @classmethod

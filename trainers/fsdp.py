@@ -19,6 +19,11 @@ state sharded instead of replicated:
   ``LMHead`` captured at load time would hold the sharded ``DTensor``). The root unit stays
   unsharded through backward; FSDP's end-of-backward callback reduce-scatters its gradient and
   reshards it.
+- **mixed precision** (``fsdp_compute_dtype``, off by default): FSDP2's ``MixedPrecisionPolicy``
+  all-gathers the parameters cast to e.g. bfloat16, so the body, the fused op (hidden states and
+  the full lm_head weight) and sampling compute in it, while the shards, their float32-reduced
+  gradients and AdamW's moments stay in the parameters' dtype (``dtype: float32``: fp32 master
+  weights, ``16 P / W`` bytes per rank).
 - **sum, not mean**: the micro-batch weights already make the per-rank gradients add up to the
   global batch's gradient, so the reduce-scatter sums (gradient divide factor 1; FSDP's default
   divides by ``W``).
@@ -52,13 +57,18 @@ import torch
 from torch import nn
 
 GENERATION_MODES = ("full", "blockwise")  # ShardedEngine
+COMPUTE_DTYPES = ("bfloat16", "float16")  # MixedPrecisionPolicy.param_dtype
 
 
 def check_config(config) -> None:
     """Raise ``ValueError`` for a bad ``fsdp_generation`` or options that do not combine with ``parallelism: fsdp``."""
     if config.fsdp_generation not in GENERATION_MODES:
         raise ValueError(f"fsdp_generation must be one of {GENERATION_MODES}, got {config.fsdp_generation!r}")
+    if config.fsdp_compute_dtype not in (None, *COMPUTE_DTYPES):
+        raise ValueError(f"fsdp_compute_dtype must be null or one of {COMPUTE_DTYPES}, got {config.fsdp_compute_dtype!r}")
     if config.parallelism != "fsdp":
+        if config.fsdp_compute_dtype is not None:
+            raise ValueError("fsdp_compute_dtype needs parallelism 'fsdp'")
         return
     if config.dynamic_sampling:
         raise ValueError("parallelism 'fsdp' does not support dynamic_sampling: ranks left with different numbers "
@@ -112,16 +122,20 @@ class ShardedPolicy:
     optimizer runs: a loss computed under ``run`` must be backpropagated before the next step.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, compute_dtype: torch.dtype | None = None) -> None:
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         from torch.distributed.tensor import DTensor
 
         self.model = model
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-        self.blocks = [fully_shard(block, mesh=mesh, reshard_after_forward=True) for block in transformer_blocks(model)]
-        self.root = fully_shard(_Root(model), mesh=mesh)
+        # compute_dtype: the all-gathered (unsharded) parameters are cast to it; gradients are
+        # reduce-scattered in float32 into shards of the parameters' own dtype (see fsdp_compute_dtype)
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None)
+        self.blocks = [fully_shard(block, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
+                       for block in transformer_blocks(model)]
+        self.root = fully_shard(_Root(model), mesh=mesh, mp_policy=mp)
         self.units = [self.root, *self.blocks]
         for unit in self.units:
             unit.set_gradient_divide_factor(1.0)  # sum over ranks: see the module docstring
@@ -292,7 +306,8 @@ def apply(trainer):
         return None
     from .model import lm_head_of
 
-    policy = ShardedPolicy(trainer.model, trainer.device)
+    compute = trainer.config.fsdp_compute_dtype
+    policy = ShardedPolicy(trainer.model, trainer.device, None if compute is None else getattr(torch, compute))
     trainer.head = LiveHead(trainer.model, lm_head_of)
     trainer.engine = ShardedEngine(trainer.engine, policy, trainer.config.fsdp_generation)
     trainer.fused_logprobs = policy.wrap(trainer.fused_logprobs)
