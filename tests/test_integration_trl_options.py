@@ -71,7 +71,8 @@ def test_option_matches_trl(setup, case):
 
 def test_off_policy_mask_uses_sampler_logprobs_and_drops_a_response(setup):
     ours, _, inputs = compare(setup, 61, dict(sampling=True, is_mode="token_truncate"), use_vllm=True,
-                              loss_type="grpo", off_policy_mask_threshold=0.02, vllm_importance_sampling_mode="token_truncate")
+                              loss_type="grpo", off_policy_mask_threshold=0.02,
+                              vllm_importance_sampling_mode="token_truncate")
     with torch.no_grad():
         logp = ours._get_per_token_logps_and_entropies(
             ours.model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
@@ -148,7 +149,8 @@ def test_trl_scoring_with_vllm_sampler_logprobs(setup):
     for cls in (GRPOTrainer, fused_trl.FusedGRPOTrainer):
         trainer = make_trainer(cls, setup, beta=0.04, vllm_importance_sampling_mode="token_truncate")
         trainer.reward_funcs, trainer.reward_func_names = [length_reward], ["length_reward"]
-        trainer.use_vllm, trainer.vllm_generation, trainer._last_loaded_step = True, StandInVLLM(completions, logprobs), -1
+        trainer.use_vllm, trainer._last_loaded_step = True, -1
+        trainer.vllm_generation = StandInVLLM(completions, logprobs)
         noise = torch.Generator().manual_seed(68)
         with torch.no_grad():  # the policy a step away from the reference, as in training (KL far from its minimum)
             for p in trainer.model.parameters():

@@ -176,4 +176,5 @@ class FusedGRPOTrainer(GRPOTrainer):
         if not self.fused_plan.fused_loss:
             return super()._compute_loss(model, inputs)
         plan = self.fused_plan
-        return fused_grpo_loss(self, model, inputs, plan.surrogate_config, one_pass=plan.one_pass and torch.is_grad_enabled())
+        one_pass = plan.one_pass and torch.is_grad_enabled()
+        return fused_grpo_loss(self, model, inputs, plan.surrogate_config, one_pass=one_pass)

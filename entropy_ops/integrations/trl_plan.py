@@ -14,6 +14,9 @@ reads (bad values raise ``ValueError``/``TypeError`` naming the field), then pic
 ``"trl"``            TRL unchanged (with a :class:`FusedFallbackWarning`): DeepSpeed ZeRO-3 (the fused
                      backward reads the whole ``lm_head`` weight outside the hooks that gather its
                      shards), or an output layer entropy-ops cannot express.
+
+On the ``"fused"`` path, ``fused_one_pass=True`` asks for the one-pass loss (:mod:`.trl_onepass`); a
+configuration that needs two passes (:func:`one_pass_reason`) gets them, with a warning saying why.
 """
 from __future__ import annotations
 
@@ -144,7 +147,8 @@ def _check_fields(args) -> None:
     if args.importance_sampling_level not in ("token", "sequence"):
         raise ValueError("GRPOConfig.importance_sampling_level must be 'token' or 'sequence', "
                          f"got {args.importance_sampling_level!r}")
-    if args.use_vllm and args.vllm_importance_sampling_correction and args.vllm_importance_sampling_mode not in IS_MODES:
+    is_on = args.use_vllm and args.vllm_importance_sampling_correction
+    if is_on and args.vllm_importance_sampling_mode not in IS_MODES:
         raise ValueError(f"GRPOConfig.vllm_importance_sampling_mode must be one of {IS_MODES}, "
                          f"got {args.vllm_importance_sampling_mode!r}")
     if args.loss_type == "dr_grpo" and not args.max_completion_length:
@@ -166,7 +170,8 @@ def head_reason(model) -> str | None:
     """Why the fused head cannot reproduce ``model``'s output layer, or ``None``.
 
     Reads the head (:func:`entropy_ops.output_head.output_head`), then runs the model once on one token
-    (in eval mode, no gradient) with the output layer captured and checks that the model post-processes its logits as the head
+    (in eval mode, no gradient) with the output layer captured and checks that the model post-processes its
+    logits as the head
     says (:meth:`~entropy_ops.output_head.HeadCapture.check_transform`). A one-token forward that fails
     for another reason is left to training to report.
     """
