@@ -21,8 +21,20 @@ from __future__ import annotations
 from .occupancy import LIMITS
 
 DEFAULT_FLOOR = 1
-# kernel name -> {arch: minimum CTAs per SM over its configurations}.
-OCCUPANCY_FLOORS: dict[str, dict[int, int]] = {}
+# kernel name -> {arch: minimum CTAs per SM over its configurations}, as reached at the SHA of
+# docs/performance.md (python -m benchmarks.static; gates.achieved_floors of its rows).
+OCCUPANCY_FLOORS: dict[str, dict[int, int]] = {
+    # Streaming kernels: enough rows in flight to cover DRAM latency (docs/performance.md, latency bound).
+    "_token_logprobs_entropy_fwd": {80: 8, 90: 8},
+    "_token_logprobs_entropy_bwd": {80: 5, 90: 5},
+    "_linear_stats_merge": {80: 16, 90: 16},
+    # Matmul-shaped kernels: one CTA of 8 warps per SM with a 3-4 stage pipeline is the design
+    # (wgmma tiles 128 x 128; registers and shared memory go to the tile, not to more CTAs).
+    "_linear_logprobs_entropy_fwd": {80: 1, 90: 1},
+    "_linear_logit_grad": {80: 1, 90: 1},
+    "_linear_onepass_grad": {80: 1, 90: 1},
+    "_matmul": {80: 1, 90: 1},
+}
 
 
 def floor(kernel: str, arch: int) -> int:
