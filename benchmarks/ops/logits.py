@@ -61,7 +61,12 @@ def _ours(inplace: bool):
     def fn(inp, train):
         from entropy_ops import token_logprobs_and_entropy
 
-        logp, H = token_logprobs_and_entropy(inp["logits"], inp["targets"], inplace_backward=inplace)
+        logits = inp["logits"]
+        if inplace and logits.requires_grad:
+            # In training the logits are the lm_head's output, a non-leaf; the op refuses to overwrite a
+            # leaf that requires grad. A view of the leaf is a non-leaf over the same memory (no copy).
+            logits = logits.view_as(logits)
+        logp, H = token_logprobs_and_entropy(logits, inp["targets"], inplace_backward=inplace)
         return Out(logp=logp, entropy=H)
 
     return fn
