@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-LAB_VERSION = "3"  # bump when the analysis changes, so cached rows are recomputed
+LAB_VERSION = "4"  # bump when the analysis changes, so cached rows are recomputed
 
 
 def default_cache_dir() -> Path:

@@ -192,5 +192,6 @@ def analyze(res_text: str, sass_text: str) -> dict:
     """Resources, whole-kernel counts, loops and the hot loop of one cubin."""
     instrs = instructions(sass_text)
     loop_list = loops(instrs)
-    return {**resources(res_text), "kernel_counts": _counts(instrs), "loops": loop_list,
-            "hot_loop": hot_loop(loop_list)}
+    brief = [{k: lp[k] for k in ("start", "end", "innermost", "instructions", "bar", "hgmma", "hmma", "red", "ldg",
+                                 "ldgsts", "mufu")} for lp in loop_list]
+    return {**resources(res_text), "kernel_counts": _counts(instrs), "loops": brief, "hot_loop": hot_loop(loop_list)}
