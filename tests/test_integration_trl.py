@@ -49,8 +49,9 @@ def zero_reward(completions, **_):
 
 def make_trainer(cls, setup, *, fused_backend=None, fused=None, **config):
     tokenizer, model, dataset = setup
+    config = {"bf16": False, **config}
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=4, num_generations=4,
-                      max_completion_length=C + 3, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
+                      max_completion_length=C + 3, report_to=[], use_cpu=True, save_strategy="no",
                       gradient_checkpointing=False, **config)
     extra = dict(fused or {}, **({} if fused_backend is None else dict(fused_backend=fused_backend)))
     trainer = cls(model=copy.deepcopy(model), reward_funcs=zero_reward, args=args, train_dataset=dataset,
