@@ -20,141 +20,27 @@ and the op's time is the sum over its pieces:
 Floors (TARGETS): the logits op moves its bytes at the copy bandwidth; the hidden-state op does its
 FLOPs (2NDV forward, 6NDV backward with recompute, 8NDV both, 6NDV one-pass) at the GEMM rate.
 Every figure here is *modeled*; docs/performance.md documents the formulas and their provenance.
+Pieces, bounds and static-report lookups live in :mod:`benchmarks.perf_pieces`, the hidden-state op's
+designs in :mod:`benchmarks.perf_linear`; this module models the logits op and assembles the tables.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .gpus import GPU, GPUS, MiB
-from .shapes import PRESETS, Shape, parse_shapes
+from .gpus import GPU, GPUS
+from .perf_linear import DESIGNS, linear_floor, linear_op
+from .perf_pieces import (DTYPE_BYTES, STATIC_REPORT, TOKEN_MODULE, Piece, _streaming_bounds, bandwidth_piece,
+                          load_static, reread_bytes, static_row)
+from .shapes import Shape, parse_shapes
 
-STATIC_REPORT = Path(__file__).parent / "results" / "static-report.json"
 MODEL_PRESETS = ("headline", "liger-hopper", "verl-qwen32b", "slime-248k", "skyrl-65k", "qwen2.5-7b",
                  "llama3-8b", "gemma3")
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-# Bounds overlap imperfectly: a piece takes the p-norm of its bounds. p = 4: two equal bounds cost 19%
-# over either alone, a bound at half the largest 1.5%, at a quarter 0.1%; p -> infinity is the plain
-# roofline (perfect overlap). A heuristic, to be fitted once GPU runs give model errors.
-P_NORM = 4.0
-TOKEN_MODULE = "token_logprobs_entropy"
-LINEAR_MODULE = "linear_logprobs_entropy"
-
-
-# ---------------------------------------------------------------------------------------------- pieces
-@dataclass
-class Piece:
-    """One launch: its work and the bounds that limit it. ``bounds`` maps bound name -> seconds."""
-
-    name: str
-    flops: float = 0.0
-    hbm_bytes: float = 0.0
-    atomic_bytes: float = 0.0
-    bounds: dict = field(default_factory=dict)
-
-    @property
-    def time_s(self) -> float:
-        """The ``P_NORM``-norm of the bounds: the largest bound, plus a little for bounds close to it."""
-        return sum(b**P_NORM for b in self.bounds.values()) ** (1.0 / P_NORM) if self.bounds else 0.0
-
-    @property
-    def bound(self) -> str:
-        return max(self.bounds, key=self.bounds.get) if self.bounds else "-"
-
-
-def bandwidth_piece(name: str, hbm_bytes: float, gpu: GPU) -> Piece:
-    return Piece(name, hbm_bytes=hbm_bytes, bounds={"bandwidth": hbm_bytes / gpu.copy_bw})
-
-
-def gemm_piece(name: str, flops: float, hbm_bytes: float, gpu: GPU, efficiency: float = 1.0) -> Piece:
-    return Piece(name, flops=flops, hbm_bytes=hbm_bytes,
-                 bounds={"compute": flops / (gpu.matmul_rate * efficiency), "bandwidth": hbm_bytes / gpu.copy_bw})
-
-
-def reread_bytes(data_bytes: float, reads: float, window_bytes: float, gpu: GPU) -> float:
-    """HBM bytes of data read ``reads`` times: once if the re-use window fits in L2, else every time.
-
-    ``window_bytes`` is what the programs resident at one time keep re-using (their tiles of the data);
-    half of L2 is credited, the rest holding the streamed operands.
-    """
-    return data_bytes * (1.0 if window_bytes <= gpu.l2_bytes / 2 else max(reads, 1.0))
-
-
-# ---------------------------------------------------------------------------------------- static rows
-def load_static(path: Path | str | None = STATIC_REPORT) -> list[dict]:
-    """Rows of a static report (``python -m benchmarks.static --out``); empty if there is none."""
-    if path is None or not Path(path).exists():
-        return []
-    return [r for r in json.loads(Path(path).read_text())["rows"] if "error" not in r]
-
-
-def _first_pointer_dtype(row: dict) -> str | None:
-    return next((t[1:].split("/")[0] for t in row["specialization"].values() if t.startswith("*")), None)
-
-
-def static_row(rows: list[dict], module: str, role: str, dtype: str, arch: int = 90, vocab: int | None = None,
-               tensor_core: bool = False) -> dict | None:
-    """The static row for one kernel role: module suffix, ``role`` in the kernel name, operand dtype.
-
-    Prefers the row specialized at the vocabulary nearest to ``vocab`` (the spec's argument ``V``, in
-    ratio); otherwise the most conservative row (most instructions per element, then fewest CTAs).
-    """
-    cands = [r for r in rows if r["module"].endswith(module) and role in r["kernel"] and r["arch"] == arch
-             and _first_pointer_dtype(r) == dtype and (not tensor_core or r["kernel_counts"]["hgmma"])]
-    if not cands:
-        return None
-    with_v = [r for r in cands if isinstance(r.get("scalars", {}).get("V"), int) and r["scalars"]["V"] > 0]
-    if vocab is not None and with_v:
-        # The configuration the dispatcher picks for this vocabulary is the one specialized nearest to it.
-        return min(with_v, key=lambda r: (abs(math.log(r["scalars"]["V"] / vocab)), -(r.get("instructions_per_element") or 0)))
-    return max(cands, key=lambda r: (r.get("instructions_per_element") or 0.0, -r["ctas"]))
-
-
-def triton_gemm_efficiency(row: dict | None) -> tuple[float, str]:
-    """Fraction of the measured cuBLAS rate a Triton GEMM kernel reaches, from its wgmma shape (sm_90).
-
-    Assumed table (not measured; documented in docs/performance.md): HGMMA with N >= 128 and no
-    atomics in the hot loop 0.85; N = 64: 0.6 (the B operand is re-read from shared memory for half
-    the work of an N=128 tile); N <= 32 or barriers/waits serializing each HGMMA: 0.35; no HGMMA
-    (mma.sync only): 0.3.
-    """
-    if row is None:
-        return 0.6, "no static row: assumed 0.6"
-    hot = row.get("hot_loop") or {}
-    shapes = [s for s in row["kernel_counts"]["mma_shapes"] if s.startswith("HGMMA.")]
-    if not shapes:
-        return 0.3, "no HGMMA"
-    widest = max(int(s.split(".")[1].split("x")[1]) for s in shapes)
-    if widest >= 128 and not hot.get("red"):
-        return 0.85, f"HGMMA N={widest}"
-    if widest >= 64:
-        return 0.6, f"HGMMA N={widest}"
-    return 0.35, f"HGMMA N={widest}"
 
 
 # ---------------------------------------------------------------------------------------- logits op
-def _streaming_bounds(piece: Piece, elements: float, row: dict | None, gpu: GPU) -> None:
-    """Add issue, MUFU and latency bounds of a streaming token kernel from its static row."""
-    if row is None:
-        return
-    clocks = gpu.sms * gpu.clock_hz
-    ipe = row.get("instructions_per_element")
-    hot = row.get("hot_loop") or row["kernel_counts"]
-    ldg = hot.get("stream_bytes_per_thread", 0)
-    if ipe:
-        piece.bounds["issue"] = elements * ipe / 32 / (gpu.warp_issue_per_clk * clocks)
-        elems_per_thread = ldg / DTYPE_BYTES.get(_first_pointer_dtype(row), 2) if ldg else 0
-        if elems_per_thread:
-            piece.bounds["mufu"] = elements * hot.get("mufu", 0) / elems_per_thread / (gpu.mufu_per_clk * clocks)
-    if ldg and row.get("ctas"):
-        in_flight = gpu.sms * row["ctas"] * row["num_warps"] * 32 * ldg
-        piece.bounds["latency"] = piece.hbm_bytes / (in_flight / gpu.dram_latency_s)
-
-
 def logits_op(shape: Shape, dtype: str, gpu: GPU, rows: list[dict]) -> dict[str, list[Piece]]:
     """Pieces of the logits op: forward reads the logits once, backward reads them and writes dlogits.
 
@@ -179,123 +65,6 @@ def logits_op(shape: Shape, dtype: str, gpu: GPU, rows: list[dict]) -> dict[str,
 def logits_floor(shape: Shape, dtype: str, mode: str, gpu: GPU) -> float:
     passes = {"fwd": 1, "bwd": 2, "fwd_bwd": 3}[mode]
     return passes * shape.n_tokens * shape.vocab * DTYPE_BYTES[dtype] / gpu.copy_bw
-
-
-# ---------------------------------------------------------------------------------- hidden-state op
-@dataclass(frozen=True)
-class LinearDesign:
-    """A hidden-state op design, as pieces.
-
-    ``kind="chunked"``: the vocabulary in chunks of ``chunk`` columns (``None``: the library's default,
-    ``max(N D, 16 MiB) / (N e)``, i.e. ``D / 2`` for 16-bit inputs at large ``N``), no atomics.
-    ``forward``: ``"triton"`` (fused tiles: GEMM + statistics epilogue, partial statistics merged per
-    chunk) or ``"cublas"`` (GEMM into an ``[N, Vc]`` workspace, then a statistics pass over it).
-    ``recompute``: ``"triton"`` (a fused tile kernel recomputes the logits and writes ``dz``) or
-    ``"cublas"`` (GEMM into the workspace, then a ``dz`` pass). ``dW[chunk] = dz^T h`` and
-    ``dh += dz W[chunk]`` always run in cuBLAS (fp32 ``dh`` read and written per chunk). The one-pass
-    loss keeps the whole ``[n, V]`` logits of a token chunk in a workspace: forward tiles store them,
-    one in-place ``dz`` pass, then ``dh = dz W`` and ``dW (+)= dz^T h``.
-    ``kind="atomic"``: the earlier fused Triton design with fp32 atomics for ``dh`` and ``dW``.
-    Triton GEMM pieces run at the cuBLAS rate times :func:`triton_gemm_efficiency` of their static row.
-    """
-
-    name: str
-    kind: str
-    chunk: int | None = None
-    forward: str = "triton"
-    recompute: str = "triton"
-    block_n: int = 128
-    block_v: int = 64
-    bwd_block_n: int = 64
-    bwd_block_v: int = 128
-
-
-DESIGNS = {
-    # What entropy_ops.linear_triton ships: fused Triton forward tiles (128 x 128 x 64), a fused Triton
-    # recompute + dz kernel per chunk, cuBLAS gradient matmuls, Vc = D / 2 (16-bit).
-    "chunked": LinearDesign("chunked: Triton fused tiles, cuBLAS gradient GEMMs, no atomics", "chunked"),
-    # The portable pattern of verl / Liger's non-Hopper paths: every GEMM in cuBLAS, statistics and dz as
-    # bandwidth passes over a bf16 [N, Vc] workspace (Vc = 4096).
-    "cublas": LinearDesign("chunked: every GEMM in cuBLAS, workspace passes", "chunked", chunk=4096,
-                           forward="cublas", recompute="cublas"),
-    # The fused Triton design before: split-vocab forward (128 x 64 tiles), backward 64 x 128 tiles with
-    # fp32 RED into dh [N, D] and dW [V, D].
-    "atomic": LinearDesign("atomic: fused Triton, fp32 RED", "atomic"),
-}
-
-
-def _chunk(design: LinearDesign, n: int, d: int, v: int, e: int) -> int:
-    if design.chunk is not None:
-        return min(design.chunk, v)
-    return min(v, max(128, max(n * d, 16 * MiB) // (n * e) // 128 * 128))
-
-
-def linear_op(shape: Shape, dtype: str, gpu: GPU, rows: list[dict], design: LinearDesign) -> dict[str, list[Piece]]:
-    """Pieces of the hidden-state op (forward, backward with recompute, both) and the one-pass loss."""
-    n, v, d, e = shape.n_tokens, shape.vocab, shape.hidden, DTYPE_BYTES[dtype]
-    h, w, mm = n * d * e, v * d * e, 2.0 * n * d * v
-    if design.kind == "atomic":
-        fwd_row = static_row(rows, LINEAR_MODULE, "fwd", dtype, tensor_core=True)
-        bwd_row = static_row(rows, LINEAR_MODULE, "bwd", dtype, tensor_core=True)
-        # Those kernels are gone from the tree; without their static rows, the review's SASS facts stand
-        # in (TARGETS.md: forward HGMMA 64x64x16 -> 0.6; backward 64x16 / 64x32 HGMMAs -> 0.35).
-        eff_f = triton_gemm_efficiency(fwd_row)[0] if fwd_row else 0.6
-        eff_b = triton_gemm_efficiency(bwd_row)[0] if bwd_row else 0.35
-        resident = gpu.sms * max(1, (fwd_row or {}).get("ctas", 1))
-        # Forward: every program re-reads its [block_n, D] rows of h for each vocab tile.
-        h_reads = reread_bytes(h, v / design.block_v, resident * design.block_n * d * e, gpu)
-        w_reads = w * math.ceil(n / design.block_n / resident)
-        fwd = [gemm_piece("fused fwd (Triton)", mm, h_reads + w_reads, gpu, eff_f)]
-        # Backward: recompute + dh + dW on tensor cores; fp32 RED of each program's dh and dW tiles.
-        red = 4.0 * (n * d * v / design.bwd_block_v + v * d * n / design.bwd_block_n)
-        bwd_gemm = gemm_piece("fused bwd (Triton)", 3 * mm, 2 * h + 2 * w, gpu, eff_b)
-        bwd_gemm.atomic_bytes = red
-        bwd_gemm.bounds["atomics"] = red / gpu.red_bw
-        bwd = [bwd_gemm, bandwidth_piece("dW fp32 -> weight dtype", v * d * (4 + e), gpu)]
-        return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd}
-
-    vc = _chunk(design, n, d, v, e)
-    chunks = math.ceil(v / vc)
-    h_per_chunk = reread_bytes(h, chunks, h, gpu)  # each chunk's GEMMs read h again unless it stays in L2
-    partials = 2 * 12.0 * n * v / 128  # fp32 (m, S, T) per 128-column tile, written then merged
-    fwd_row = static_row(rows, LINEAR_MODULE, "fwd", dtype, tensor_core=True)
-    grad_row = static_row(rows, LINEAR_MODULE, "logit_grad", dtype, tensor_core=True)
-    if design.forward == "triton":
-        fwd = [gemm_piece("fused forward tiles (Triton)", mm, h_per_chunk + w + partials, gpu,
-                          triton_gemm_efficiency(fwd_row)[0])]
-    else:
-        fwd = [gemm_piece("z = h W_c^T (cuBLAS)", mm, h_per_chunk + w + n * v * e, gpu),
-               bandwidth_piece("statistics pass over z", n * v * e + 16 * n * chunks, gpu)]
-    if design.recompute == "triton":
-        recompute = [gemm_piece("recompute + dz tiles (Triton)", mm, h_per_chunk + w + n * v * e, gpu,
-                                triton_gemm_efficiency(grad_row)[0])]
-    else:
-        recompute = [gemm_piece("recompute z (cuBLAS)", mm, h_per_chunk + w + n * v * e, gpu),
-                     bandwidth_piece("dz pass (read z, write dz)", 2 * n * v * e, gpu)]
-    dh_acc = n * d * 4 * 2 * chunks  # fp32 dh read + written by each chunk's addmm
-    grads = [gemm_piece("dW_c = dz^T h (cuBLAS)", mm, h_per_chunk + n * v * e + w, gpu),
-             gemm_piece("dh += dz W_c (cuBLAS)", mm, n * v * e + w + dh_acc, gpu),
-             bandwidth_piece("dh fp32 -> input dtype", n * d * (4 + e), gpu)]
-    bwd = recompute + grads
-    # One-pass: per token chunk of n_c = min(N, 4 D / e) rows, forward tiles store the logits in an
-    # [n_c, V] workspace, one in-place dz pass, dh = dz W (over all V), dW (+)= dz^T h_c.
-    n_c = min(n, max(128, 4 * d // e))
-    t_chunks = math.ceil(n / n_c)
-    w_per_chunk = reread_bytes(w, t_chunks, w, gpu)
-    dz_pass = bandwidth_piece("dz in place (read + write, Triton)", 2 * n * v * e, gpu)
-    _streaming_bounds(dz_pass, n * v, static_row(rows, LINEAR_MODULE, "onepass_grad", dtype), gpu)
-    one_pass = [gemm_piece("forward tiles storing logits (Triton)", mm, h + w_per_chunk + n * v * e + partials, gpu,
-                           triton_gemm_efficiency(fwd_row)[0]),
-                dz_pass,
-                gemm_piece("dh_c = dz W (cuBLAS)", mm, n * v * e + w_per_chunk + n * d * e, gpu),
-                gemm_piece("dW (+)= dz^T h_c (cuBLAS)", mm, n * v * e + h + (v * d * 8 if t_chunks > 1 else 0) * t_chunks,
-                           gpu)]
-    return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd, "one_pass": one_pass}
-
-
-def linear_floor(shape: Shape, mode: str, gpu: GPU) -> float:
-    factor = {"fwd": 2, "bwd": 6, "fwd_bwd": 8, "one_pass": 6}[mode]
-    return factor * shape.n_tokens * shape.hidden * shape.vocab / gpu.matmul_rate
 
 
 # ---------------------------------------------------------------------------------------- the table
