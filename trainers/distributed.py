@@ -169,12 +169,19 @@ def sum_gradients(params: list[torch.nn.Parameter], ctx: DistContext, bucket_byt
 
 
 def broadcast_parameters(module: torch.nn.Module, ctx: DistContext) -> None:
-    """Copy rank 0's parameters and buffers to every rank."""
+    """Copy rank 0's parameters and buffers to every rank (one tensor at a time through the
+    backend's device when they live elsewhere, e.g. a CPU-loaded model under NCCL)."""
     if not ctx.enabled:
         return
+    device = _comm_device(ctx)
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src=0)
+            if t.device == device:
+                dist.broadcast(t.data, src=0)
+            else:
+                buf = t.data.to(device)
+                dist.broadcast(buf, src=0)
+                t.data.copy_(buf)
 
 
 def replica_max_abs_diff(module: torch.nn.Module, ctx: DistContext) -> float:

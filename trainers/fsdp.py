@@ -5,6 +5,9 @@ data-parallel step of ``distributed.py`` (each rank samples and trains on its ``
 prompt groups, micro-batch losses weighted by their share of the global batch), with the model
 state sharded instead of replicated:
 
+- **loading**: the trainer loads the model on the CPU (each rank a full copy in host memory);
+  ``fully_shard`` moves each unit to the device as it shards it, so a device holds at most the
+  shards so far plus one unit in full.
 - **units**: every transformer block (the classes in the model's ``_no_split_modules``) is one FSDP
   unit; everything else (token embeddings, final norm, ``lm_head``, tied or not) belongs to the root
   unit, a thin wrapper module around the Hugging Face model. Each rank keeps a dim-0 shard (a

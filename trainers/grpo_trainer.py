@@ -139,7 +139,9 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.dist.rank)
         dtype = choose_dtype(cfg.dtype, self.device)
         attn = choose_attn_implementation(cfg.attn_implementation, self.device)
-        self.model = load_model(resume_from or cfg.model, device=self.device, dtype=dtype, attn_implementation=attn)
+        # FSDP loads on the CPU: fully_shard then moves the model to the device one unit (block) at a time
+        load_on = torch.device("cpu") if cfg.parallelism == "fsdp" and self.dist.enabled else self.device
+        self.model = load_model(resume_from or cfg.model, device=load_on, dtype=dtype, attn_implementation=attn)
         self.tokenizer = load_tokenizer(resume_from or cfg.model)
         broadcast_parameters(self.model, self.dist)
         self.head = lm_head_of(self.model)
