@@ -26,6 +26,7 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 VALIDATE_CHOICES = (True, False, "auto")
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal
 
 
 def check_validate(validate):
@@ -66,7 +67,7 @@ def check_float_tensor(name: str, x, *, min_dim: int = 1, allow_fp64: bool = Tru
 
 
 def check_temperature(temperature) -> float:
-    """A finite ``temperature > 0`` whose inverse (the kernels' scale) is a finite fp32."""
+    """A finite ``temperature > 0`` whose inverse (the kernels' scale) is a finite, normal fp32 (never rounded to 0)."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     temperature = float(temperature)
@@ -75,6 +76,11 @@ def check_temperature(temperature) -> float:
     if 1.0 / temperature > _FLOAT32_MAX:
         raise ValueError(f"temperature must be >= {1.0 / _FLOAT32_MAX:.3g} (1 / temperature must be a finite "
                          f"float32), got {temperature}")
+    if 1.0 / temperature < _FLOAT32_TINY:
+        # 1 / temperature would round to 0 (or a subnormal that GPUs flush to 0) in fp32: a masked
+        # -inf logit times 0 is NaN, so the scale must stay a normal fp32.
+        raise ValueError(f"temperature must be <= {1.0 / _FLOAT32_TINY:.3g} (1 / temperature must be a normal "
+                         f"float32, not rounded to 0), got {temperature}")
     return temperature
 
 
@@ -228,7 +234,10 @@ def first_order_only(name: str):
             outputs = (outputs,) if single else outputs
             # The refusing node must lie on a path to the inputs, or autograd.grad(..., inputs) prunes it:
             # it takes the saved tensors that require grad (the op's inputs) as extra inputs.
-            anchors = tuple(t for t in ctx.saved_tensors if isinstance(t, torch.Tensor) and t.requires_grad)
+            # The upstream gradients join them: a mixed derivative (d/dw of a gradient taken from w * out)
+            # differentiates the backward with respect to its grad_outputs, which it cannot do either.
+            anchors = tuple(t for t in (*ctx.saved_tensors, *grad_outputs)
+                            if isinstance(t, torch.Tensor) and t.requires_grad)
             guarded = tuple(_refuse_second_order(o, anchors, name) if isinstance(o, torch.Tensor) else o
                             for o in outputs)
             return guarded[0] if single else guarded

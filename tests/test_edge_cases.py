@@ -174,6 +174,18 @@ def test_double_backward_is_refused_loudly(backend):
     assert torch.equal(gx2.detach(), gx.detach())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_second_derivative_through_the_upstream_gradient_is_refused(backend):
+    # d/dw of d(w . logp)/dz differentiates the backward with respect to its upstream gradient:
+    # refused, not pruned (allow_unused=True would otherwise hand back None, a silent zero).
+    x = torch.randn(3, 40, requires_grad=True)
+    w = torch.ones(3, requires_grad=True)
+    logp, _ = op(x, torch.tensor([1, 2, 3]), backend=backend)
+    (gx,) = torch.autograd.grad((w * logp).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="token_logprobs_and_entropy has no second derivative"):
+        torch.autograd.grad(gx.sum(), w, allow_unused=True)
+
+
 # ---------------------------------------------------------------- 5. inplace_backward misuse
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inplace_backward_refuses_overlapping_rows_and_leaves(backend):
@@ -209,6 +221,9 @@ def test_temperature_that_overflows_fp32_is_named(backend):
         op(logits, torch.tensor([1, 2, 3]), temperature=0.5, backend=backend)
     with pytest.raises(ValueError, match="temperature must be >="):
         op(logits, torch.tensor([1, 2, 3]), temperature=1e-39, backend=backend)
+    # 1 / temperature rounding to 0 in fp32 would turn a masked -inf logit into -inf * 0 = NaN
+    with pytest.raises(ValueError, match="temperature must be <="):
+        op(logits, torch.tensor([1, 2, 3]), temperature=1e50, backend=backend)
     logp, _ = op(logits, torch.tensor([1, 2, 3]), temperature=1.0, backend=backend)  # fine unscaled
     assert torch.isfinite(logp).all()
 
