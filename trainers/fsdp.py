@@ -29,7 +29,7 @@ state sharded instead of replicated:
   weights, ``16 P / W`` bytes per rank).
 - **sum, not mean**: the micro-batch weights already make the per-rank gradients add up to the
   global batch's gradient, so the reduce-scatter sums (gradient divide factor 1; FSDP's default
-  divides by ``W``).
+  divides by ``W``), with a plain ``SUM`` reduction (gloo has no ``PREMUL_SUM``).
 - **generation** (``ShardedEngine``, ``fsdp_generation``) runs inside the root's forward too.
   ``full`` (default): every unit is all-gathered once and kept unsharded for the whole ``generate``
   call (one all-gather per unit and call, not per token), then resharded; peak memory is the full
@@ -38,12 +38,13 @@ state sharded instead of replicated:
   blocks; traffic: the model once per token), with the ranks in lockstep (``synced_gpus``).
 - **clipping**: ``torch.nn.utils.clip_grad_norm_`` accepts the sharded ``DTensor`` gradients; the
   global norm is ``sqrt(sum_r ||g_r||^2)`` over the shards (one all-reduce).
-- **checkpoints** (``checkpoint_parts``, ``load_optimizer_state``): the full model and optimizer
-  state dicts are gathered to rank 0 (CPU) with ``torch.distributed.checkpoint.state_dict`` and
-  written in the data-parallel format: ``model.safetensors`` by ``save_pretrained`` and the
-  optimizer state keyed by parameter index in ``trainer_state.pt``. A checkpoint resumes under
-  either parallelism and any world size; a resume reloads the full weights on every rank, shards
-  them again and scatters the optimizer state to the same shards, so it continues bit for bit.
+- **checkpoints** (``checkpoint_parts``, ``load_optimizer_state``): the full weights
+  (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``) and the optimizer state (each
+  sharded moment all-gathered in turn) are gathered to rank 0's CPU and written in the
+  data-parallel format: ``model.safetensors`` by ``save_pretrained`` and the optimizer state keyed
+  by parameter index in ``trainer_state.pt``, so a checkpoint resumes under either parallelism and
+  another world size. A resume reloads the full weights on every rank, shards them again and keeps
+  each rank's slice of the optimizer state: it continues bit for bit.
 - **evaluation** runs on every rank (same prompts, same seed, same sampled completions), because
   scoring goes through the sharded units' collectives; rank 0 alone logs it.
 
