@@ -27,8 +27,9 @@ from entropy_ops.trainers.grpo_trainer import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Pinned explicitly (not the defaults, which change with the task): the embedded tiny model, the arithmetic task.
-BASE = dict(model="tiny-arith", dataset="arithmetic", arithmetic_digits=2, num_prompts=4, group_size=2, max_new_tokens=6, micro_batch_size=3, num_eval_prompts=4, eval_samples=1,
-            eval_every=0, save_every=0, learning_rate=1e-3, seed=5, device="cpu", plot=False)
+BASE = dict(model="tiny-arith", dataset="arithmetic", arithmetic_digits=2, num_prompts=4, group_size=2,
+            max_new_tokens=6, micro_batch_size=3, num_eval_prompts=4, eval_samples=1, eval_every=0, save_every=0,
+            learning_rate=1e-3, seed=5, device="cpu", plot=False)
 
 
 @pytest.fixture(autouse=True, scope="module")

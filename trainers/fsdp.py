@@ -69,7 +69,8 @@ def check_config(config) -> None:
     if config.fsdp_generation not in GENERATION_MODES:
         raise ValueError(f"fsdp_generation must be one of {GENERATION_MODES}, got {config.fsdp_generation!r}")
     if config.fsdp_compute_dtype not in (None, *COMPUTE_DTYPES):
-        raise ValueError(f"fsdp_compute_dtype must be null or one of {COMPUTE_DTYPES}, got {config.fsdp_compute_dtype!r}")
+        raise ValueError(f"fsdp_compute_dtype must be null or one of {COMPUTE_DTYPES}, "
+                         f"got {config.fsdp_compute_dtype!r}")
     if config.parallelism != "fsdp":
         if config.fsdp_compute_dtype is not None:
             raise ValueError("fsdp_compute_dtype needs parallelism 'fsdp'")
