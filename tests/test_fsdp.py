@@ -4,10 +4,14 @@ One spawn of 2 ranks runs every distributed scenario (process start-up dominates
 what it saw; the tests below check it against single-process runs in this process:
 
 - a fixed rollout batch split by prompt group over the 2 ranks, two optimizer steps (``Trainer.update``
-  twice, gradient clipping active): the logged loss, gradient norm and the gathered parameters equal
-  one process updating on the whole batch; parameters, gradients and AdamW states are sharded
-  ``DTensor``s holding half of each tensor; inside the root's forward the fused op's weight is the
-  full ``[V, D]`` lm_head weight;
+  twice, gradient clipping active), for the plain policy loss, a KL term and an algorithm's own loss:
+  the logged loss and gradient norm, the gathered gradients and parameters equal one process
+  updating on the whole batch; parameters, gradients and AdamW states are sharded ``DTensor``s holding
+  half of each tensor; inside the root's forward the fused op's weight is the full ``[V, D]`` one;
+- ``fsdp_compute_dtype: bfloat16``: bfloat16 weight in the fused op, float32 shards, gradients and
+  AdamW states, the first step's gradient close to float32;
+- sampling with ``fsdp_generation`` ``full`` and ``blockwise``: the same completions, every block
+  vs at most two unsharded, ranks stopping after different numbers of tokens;
 - ``Trainer.train()`` (with held-out evaluation on every rank) for 3 steps uninterrupted, and for
   2 steps then resumed to 3: the step-3 checkpoints (weights, optimizer state) are bitwise equal and
   the step-3 metrics agree;
