@@ -45,8 +45,8 @@ BASE = dict(model="tiny-arith", dataset="arithmetic", arithmetic_digits=2, algo=
             eval_every=0, save_every=0, learning_rate=1e-3, max_grad_norm=0.05, seed=5, device="cpu",
             dtype="float32", plot=False, torch_threads=1, temperature=1.0)
 LR = BASE["learning_rate"]
-# Fixed-batch scenarios: the plain policy loss; with a KL term to the (unsharded, frozen) reference
-# model; an algorithm's own loss (EM-FT), which scores inside the loss (a nested call into the root).
+# Fixed-batch scenarios: the plain policy loss; with a KL term to the frozen reference model (sharded
+# too); an algorithm's own loss (EM-FT), which scores inside the loss (a nested call into the root).
 SCENARIOS = {"grpo": {}, "grpo-kl": {"loss": {"beta": 0.04}}, "em-ft": {"algo": "em-ft"}}
 # FSDP only, compared with the float32 "grpo" reference: bfloat16 compute over float32 shards.
 BF16 = {"fsdp_compute_dtype": "bfloat16"}
@@ -137,6 +137,8 @@ def _worker(rank, world, port, tmp, rollout_path, results):
             "shard": p.to_local().dtype, "grad": p.grad.to_local().dtype,
             "exp_avg": trainer.optimizer.state[p]["exp_avg"].to_local().dtype,
             "head_inside_root": trainer.fsdp.run(lambda: trainer.head.weight.dtype)}
+        out["updates"][name]["ref_sharded"] = None if trainer.ref_model is None else \
+            all(isinstance(p, DTensor) for p in trainer.ref_model.parameters())
     trainer = Trainer(_config(os.path.join(tmp, f"shards-{rank}"), parallelism="fsdp"))
     _two_updates(trainer, rollout.select(rows), adv[rows])
     params = dict(trainer.model.named_parameters())
@@ -203,6 +205,7 @@ def test_two_steps_equal_single_process(runs, scenario):
                 assert float((got["grads"][step][name] - g).abs().max() / scale) < 1e-5, (step, name)
         for name, p in ref["params"].items():
             assert_adamw_close(got["params"][name], p, [g[name] for g in ref["grads"]], LR, name)
+        assert got["ref_sharded"] is (True if scenario == "grpo-kl" else None)  # the KL's reference: sharded
     for name in ref["params"]:  # both ranks gather the same model
         assert torch.equal(runs["ranks"][0]["updates"][scenario]["params"][name],
                            runs["ranks"][1]["updates"][scenario]["params"][name]), name

@@ -50,8 +50,8 @@ state sharded instead of replicated:
 
 Not combined with FSDP (``check_config`` refuses them at validation): ``dynamic_sampling`` (ranks
 would run different numbers of forward passes, and every pass is a collective) and
-``rollout_engine: vllm`` (its weight sync reads the unsharded model). The reference model of a KL
-term is not sharded: each rank holds a full frozen copy.
+``rollout_engine: vllm`` (its weight sync reads the unsharded model). The frozen reference model of
+a KL term (or of an algorithm that needs one) is sharded the same way, with its own root wrapper.
 """
 from __future__ import annotations
 
@@ -301,8 +301,9 @@ class _FullWeights:
 def apply(trainer):
     """Shard ``trainer.model`` over the ranks and route the trainer's policy computations through the root.
 
-    Replaces, on the trainer instance: ``head`` (a ``LiveHead``), ``engine`` (a ``ShardedEngine``),
-    and the methods ``fused_logprobs`` and ``_micro_batch_loss`` (run inside the root's forward).
+    Shards ``trainer.ref_model`` too, when there is one. Replaces, on the trainer instance: ``head``
+    (a ``LiveHead``), ``engine`` (a ``ShardedEngine``), and the methods ``fused_logprobs`` (run
+    inside the root of the model it scores) and ``_micro_batch_loss`` (inside the policy's root).
     Returns the ``ShardedPolicy``, or None for a single process (nothing to shard). Call it before
     the optimizer is built: the optimizer must hold the sharded parameters.
     """
@@ -312,9 +313,28 @@ def apply(trainer):
     from .model import lm_head_of
 
     compute = trainer.config.fsdp_compute_dtype
-    policy = ShardedPolicy(trainer.model, trainer.device, None if compute is None else getattr(torch, compute))
+    compute = None if compute is None else getattr(torch, compute)
+    policy = ShardedPolicy(trainer.model, trainer.device, compute)
     trainer.head = LiveHead(trainer.model, lm_head_of)
     trainer.engine = ShardedEngine(trainer.engine, policy, trainer.config.fsdp_generation)
-    trainer.fused_logprobs = policy.wrap(trainer.fused_logprobs)
+    routes = {id(trainer.model): (policy, None)}
+    if trainer.ref_model is not None:  # the frozen reference model, sharded the same way
+        routes[id(trainer.ref_model)] = (ShardedPolicy(trainer.ref_model, trainer.device, compute),
+                                         LiveHead(trainer.ref_model, lm_head_of))
+    trainer.fused_logprobs = _routed(trainer.fused_logprobs, routes)
     trainer._micro_batch_loss = policy.wrap(trainer._micro_batch_loss)
     return policy
+
+
+def _routed(fused_logprobs, routes: dict):
+    """``fused_logprobs(model, head, ...)`` run inside the root of ``model``'s ``ShardedPolicy``.
+
+    For the reference model the ``head`` argument (read outside any root: a shard) is replaced
+    by a ``LiveHead`` of it.
+    """
+    def inside_root(model, head, *args, **kwargs):
+        policy, live_head = routes[id(model)]
+        return policy.run(lambda: fused_logprobs(model, live_head or head, *args, **kwargs))
+
+    inside_root.__wrapped__ = fused_logprobs
+    return inside_root

@@ -152,7 +152,7 @@ class Trainer:
         self.loss_config = dataclasses.replace(loss_config, temperature=self.head.op_temperature(cfg.temperature))
         self.ref_model = None
         if self.loss_config.beta > 0 or self.algorithm.needs_reference:
-            self.ref_model = load_model(cfg.ref_model or cfg.model, device=self.device, dtype=dtype,
+            self.ref_model = load_model(cfg.ref_model or cfg.model, device=load_on, dtype=dtype,
                                         attn_implementation=attn).requires_grad_(False)
         self.engine = make_engine(cfg.rollout_engine, self.model, self.tokenizer, **cfg.rollout_engine_options)
         # parallelism 'fsdp': shard the model (before the optimizer), route head, engine and losses through it
