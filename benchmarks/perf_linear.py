@@ -33,6 +33,7 @@ class LinearDesign:
     name: str
     kind: str
     chunk: int | None = None
+    forward_chunks: int = 16  # backward chunks per forward chunk (entropy_ops.linear_triton.FORWARD_CHUNKS)
     forward: str = "triton"
     recompute: str = "triton"
     block_n: int = 128
@@ -42,13 +43,14 @@ class LinearDesign:
 
 
 DESIGNS = {
-    # What entropy_ops.linear_triton ships: fused Triton forward tiles (128 x 128 x 64), a fused Triton
-    # recompute + dz kernel per chunk, cuBLAS gradient matmuls, Vc = D / 2 (16-bit).
+    # What entropy_ops.linear_triton ships: fused Triton forward tiles (128 x 128 x 64) over chunks of
+    # 16 Vc columns, a fused Triton recompute + dz kernel per chunk of Vc = D / 2 (16-bit) columns, cuBLAS
+    # gradient matmuls.
     "chunked": LinearDesign("chunked: Triton fused tiles, cuBLAS gradient GEMMs, no atomics", "chunked"),
     # The portable pattern of verl / Liger's non-Hopper paths: every GEMM in cuBLAS, statistics and dz as
     # bandwidth passes over a bf16 [N, Vc] workspace (Vc = 4096).
     "cublas": LinearDesign("chunked: every GEMM in cuBLAS, workspace passes", "chunked", chunk=4096,
-                           forward="cublas", recompute="cublas"),
+                           forward_chunks=1, forward="cublas", recompute="cublas"),
     # The fused Triton design before: split-vocab forward (128 x 64 tiles), backward 64 x 128 tiles with
     # fp32 RED into dh [N, D] and dW [V, D].
     "atomic": LinearDesign("atomic: fused Triton, fp32 RED", "atomic"),
@@ -92,7 +94,8 @@ def linear_op(shape: Shape, dtype: str, gpu: GPU, rows: list[dict], design: Line
     fwd_row = static_row(rows, LINEAR_MODULE, "fwd", dtype, tensor_core=True)
     grad_row = static_row(rows, LINEAR_MODULE, "logit_grad", dtype, tensor_core=True)
     if design.forward == "triton":
-        fwd = [gemm_piece("fused forward tiles (Triton)", mm, h_per_chunk + w + partials, gpu,
+        h_per_fwd_chunk = reread_bytes(h, math.ceil(v / (vc * design.forward_chunks)), h, gpu)
+        fwd = [gemm_piece("fused forward tiles (Triton)", mm, h_per_fwd_chunk + w + partials, gpu,
                           triton_gemm_efficiency(fwd_row)[0])]
     else:
         fwd = [gemm_piece("z = h W_c^T (cuBLAS)", mm, h_per_chunk + w + n * v * e, gpu),
