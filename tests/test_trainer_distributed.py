@@ -90,8 +90,13 @@ def test_torchrun_two_processes_two_steps_ddp_and_fsdp(tmp_path):
 
 
 # ---------------------------------------------------------------- gradient equivalence
+# name: (algorithm, the rank left without groups or None); all run in one spawn of 2 processes.
+CASES = {"grpo-seq-mean-token-mean": ("grpo", None), "dr-grpo-token-sum": ("dr-grpo", None),
+         "rank1-empty": ("grpo", 1)}
+
+
 def _config(tmp, name, loss_preset_algo):
-    return TrainConfig.from_dict({**BASE, "algo": loss_preset_algo, "output_dir": str(tmp / name)})
+    return TrainConfig.from_dict({**BASE, "algo": loss_preset_algo, "output_dir": os.path.join(str(tmp), name)})
 
 
 def _fixed_batch(trainer, rollout, adv):
@@ -112,41 +117,51 @@ def _update_and_collect(trainer, rollout, adv):
             {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
 
 
-def _worker(rank, world, port, tmp, algo, rollout_path, empty_rank, results):
+def _worker(rank, world, port, tmp, rollout_path, results):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    trainer = Trainer(_config(tmp, f"rank{rank}", algo))
     rollout, adv = torch.load(rollout_path, weights_only=False)
-    G, k = trainer.config.group_size, trainer.config.num_prompts // world
-    rows = torch.arange(rank * k * G, (rank + 1) * k * G)
-    if rank == empty_rank:
-        grads, params = _update_and_collect(trainer, None, None)
-    else:
-        grads, params = _update_and_collect(trainer, rollout.select(rows), adv[rows])
-    torch.save((grads, params), os.path.join(results, f"rank{rank}.pt"))
+    out = {}
+    for case, (algo, empty_rank) in CASES.items():
+        trainer = Trainer(_config(tmp, f"{case}-rank{rank}", algo))
+        G, k = trainer.config.group_size, trainer.config.num_prompts // world
+        rows = torch.arange(rank * k * G, (rank + 1) * k * G)
+        if rank == empty_rank:
+            out[case] = _update_and_collect(trainer, None, None)
+        else:
+            out[case] = _update_and_collect(trainer, rollout.select(rows), adv[rows])
+    torch.save(out, os.path.join(results, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("algo,empty_rank", [("grpo", None), ("dr-grpo", None), ("grpo", 1)],
-                         ids=["grpo-seq-mean-token-mean", "dr-grpo-token-sum", "rank1-empty"])
-def test_two_rank_update_equals_single_process(tmp_path, algo, empty_rank):
-    single = Trainer(_config(tmp_path, "single", algo))
-    torch.manual_seed(11)
-    rollout = single.engine.generate([r["prompt"] for r in single.train_rows[:4]], num_samples=2, max_new_tokens=6,
-                                     temperature=1.3)
-    adv = torch.randn(len(rollout.completions))
-    rollout_path = str(tmp_path / "rollout.pt")
-    torch.save((rollout, adv), rollout_path)
-    # The reference: one process, the whole batch (or only rank 0's half when rank 1 has none).
-    ref_rows = torch.arange(len(rollout.completions)) if empty_rank is None else torch.arange(4)
-    ref_grads, ref_params = _update_and_collect(single, rollout.select(ref_rows), adv[ref_rows])
-
-    results = tmp_path / "results"
+@pytest.fixture(scope="module")
+def updates(tmp_path_factory):
+    """``{case: (reference (grads, params), [rank 0's, rank 1's])}`` after one ``Trainer.update``."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    refs = {}
+    for case, (algo, empty_rank) in CASES.items():
+        single = Trainer(_config(tmp, f"single-{case}", algo))
+        if not refs:
+            torch.manual_seed(11)
+            rollout = single.engine.generate([r["prompt"] for r in single.train_rows[:4]], num_samples=2,
+                                             max_new_tokens=6, temperature=1.3)
+            adv = torch.randn(len(rollout.completions))
+            torch.save((rollout, adv), tmp / "rollout.pt")
+        # The reference: one process, the whole batch (or only rank 0's half when rank 1 has none).
+        ref_rows = torch.arange(len(rollout.completions)) if empty_rank is None else torch.arange(4)
+        refs[case] = _update_and_collect(single, rollout.select(ref_rows), adv[ref_rows])
+    results = tmp / "results"
     results.mkdir()
-    mp.start_processes(_worker, args=(2, _free_port(), tmp_path, algo, rollout_path, empty_rank, str(results)),
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp), str(tmp / "rollout.pt"), str(results)),
                        nprocs=2, join=True, start_method="spawn")
-    per_rank = [torch.load(results / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(results / f"rank{r}.pt") for r in range(2)]
+    return {case: (refs[case], [ranks[0][case], ranks[1][case]]) for case in CASES}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_rank_update_equals_single_process(updates, case):
+    (ref_grads, ref_params), per_rank = updates[case]
     for name, ref in ref_grads.items():
         g0, g1 = per_rank[0][0][name], per_rank[1][0][name]
         assert torch.equal(g0, g1), name  # identical replicas: the all-reduced sum is the same bytes
