@@ -57,12 +57,16 @@ g = torch.Generator().manual_seed(0)
 hidden = torch.randn({N}, {D}, generator=g).to({dtype}).requires_grad_(True)
 weight = (torch.randn({V}, {D}, generator=g) * {D}**-0.5).to({dtype}).requires_grad_(True)
 targets = torch.randint(0, {V}, ({N},), generator=g)
-# warm-up outside the measurement (BLAS workspaces, autograd/dispatcher state), both forms
-_h, _w = torch.randn(8, {D}).to({dtype}).requires_grad_(True), torch.randn(300, {D}).to({dtype}).requires_grad_(True)
-(linear_logprobs_and_entropy(_h, _w, targets[:8] % 300, backend="torch")[0].sum()
- + chunked_linear_logprobs_and_entropy(_h, _w, targets[:8] % 300, token_chunk_size=4, backend="torch")[0].sum()
+# warm-up outside the measurement (BLAS workspaces, autograd/dispatcher state), both forms. The BLAS
+# library keeps a per-thread packing buffer whose touched pages grow with the largest GEMM it has run
+# (measured: ~4 MiB more resident after the first [512, {D}] blocks): warm it with the op's own block
+# shapes (512 rows and the full vocab give the same [rows, cols] blocks as the measured call).
+_h, _w = torch.randn(512, {D}).to({dtype}).requires_grad_(True), torch.randn({V}, {D}).to({dtype}).requires_grad_(True)
+_t = targets[:512] % {V}
+(linear_logprobs_and_entropy(_h, _w, _t, backend="torch")[0].sum()
+ + chunked_linear_logprobs_and_entropy(_h[:8], _w, _t[:8], token_chunk_size=4, backend="torch")[0].sum()
  ).backward()
-del _h, _w
+del _h, _w, _t
 """
 CHUNK_CODE = """
 logp, H = chunked_linear_logprobs_and_entropy(hidden, weight, targets, token_chunk_size={n}, backend="torch")
