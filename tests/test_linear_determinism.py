@@ -131,3 +131,14 @@ def test_ignored_rows_zero_gradient_with_vocab_chunks():
     got = run(hidden, weight, bias, targets, backend="triton", vocab_chunk=128)
     ignored = targets == IGNORE
     assert ignored.any() and (got[0][ignored] == 0).all() and (got[2][ignored] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_matmul_matches_default_in_16_bit(dtype):
+    """matmul="triton" (kernels/linear_matmul.py) and the default give the same 16-bit gradients up to rounding."""
+    hidden, weight, bias, targets = make_inputs(40, 32, 300, dtype, seed=23)
+    a = run(hidden, weight, bias, targets, backend="triton", vocab_chunk=128, matmul="triton")
+    b = run(hidden, weight, bias, targets, backend="triton", vocab_chunk=128)
+    for name, x, y in zip(("logp", "H", "d_hidden", "d_weight", "d_bias"), a, b):
+        assert x.dtype == y.dtype
+        assert_close(*_grad_view(name, x, y.double()), 1e-2, name, rowwise=name != "d_bias")
