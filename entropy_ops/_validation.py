@@ -117,31 +117,53 @@ def check_targets(targets, lead_shape: torch.Size, n_classes: int, ignore_index:
 
 
 def check_finite_rows(lse: torch.Tensor, keep: torch.Tensor, name: str, *, rows: torch.Tensor | None = None,
-                      temperature: float | None = None) -> None:
+                      temperature: float | None = None, row_max_abs=None) -> None:
     """Raise when a non-ignored row had only ``-inf`` (or NaN) logits: its log-prob is undefined.
 
     A value check (host sync on CUDA): callers run it when :func:`value_checks_enabled`. With
-    ``rows`` (the ``[..., V]`` logits, rows in the order of ``lse``) and ``temperature``, a failing
-    row whose logits are finite but overflow fp32 once divided by ``temperature`` is blamed on
-    ``temperature``.
+    ``temperature`` and either ``rows`` (the ``[..., V]`` logits, rows in the order of ``lse``) or
+    ``row_max_abs`` (``idx -> max |finite logit|`` of flattened row ``idx`` before the temperature, as a
+    float; for callers that hold no logits, e.g. the hidden-state ops, or a vocab shard that must
+    combine its answer with the other ranks'), a failing row whose logits are finite fp32 numbers but
+    overflow fp32 once divided by ``temperature`` is blamed on ``temperature``.
     """
     bad = keep & ~torch.isfinite(lse)
     if bad.numel() and bool(bad.any()):
         idx = int(bad.flatten().nonzero()[0])
-        if rows is not None and temperature is not None:
-            _check_scaled_row(rows.reshape(-1, rows.shape[-1])[idx], temperature, idx)
+        if temperature is not None and (rows is not None or row_max_abs is not None):
+            if row_max_abs is None:
+                largest = max_abs_finite(rows.reshape(-1, rows.shape[-1])[idx])
+            else:
+                largest = float(row_max_abs(idx))
+            _check_scaled_row(largest, temperature, idx)
         raise ValueError(
             f"{name} row {idx} (flattened) has no finite logit (all -inf, or NaN) while its target is not "
             "ignored; mask that position with ignore_index"
         )
 
 
-def _check_scaled_row(z: torch.Tensor, temperature: float, idx: int) -> None:
+def max_abs_finite(z: torch.Tensor) -> float:
+    """``max |z_i|`` over the finite entries of ``z`` (0 when none), as a Python float (host sync)."""
     finite = z[torch.isfinite(z)].double()
-    if finite.numel() and float(finite.abs().max()) / temperature > _FLOAT32_MAX:
+    return float(finite.abs().max()) if finite.numel() else 0.0
+
+
+def linear_row_max_abs(hidden_row: torch.Tensor, weight: torch.Tensor, bias, softcap) -> float:
+    """:func:`max_abs_finite` of one row of ``cap(hidden_row @ weight.T + bias)``, formed in float64 (a
+    row whose fp32 logits overflow comes out above the fp32 range, and is then not blamed on the temperature)."""
+    z = weight.double() @ hidden_row.double()
+    if bias is not None:
+        z = z + bias.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return max_abs_finite(z)
+
+
+def _check_scaled_row(largest: float, temperature: float, idx: int) -> None:
+    if largest <= _FLOAT32_MAX and largest / temperature > _FLOAT32_MAX:
         raise ValueError(
             f"temperature={temperature} makes logits / temperature overflow float32 (row {idx} (flattened) has "
-            f"|logit| up to {float(finite.abs().max()):.4g}); use a larger temperature"
+            f"|logit| up to {largest:.4g}); use a larger temperature"
         )
 
 

@@ -50,7 +50,7 @@ class RowStats(NamedTuple):
 def block_stats_(s: torch.Tensor) -> RowStats:
     """Statistics of every row of the scaled block ``s`` ``[n, V]``; destroys ``s``.
 
-    A row made only of ``-inf`` gives ``lse = -inf`` and ``H = 0``.
+    A row made only of ``-inf`` gives ``lse = -inf`` and ``H = 0``; a row with a NaN or ``+inf`` entry NaN.
     """
     m = s.amax(dim=1, keepdim=True)
     m_ref = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
@@ -59,7 +59,7 @@ def block_stats_(s: torch.Tensor) -> RowStats:
     S = e.sum(dim=1)
     T = e.mul_(d).sum(dim=1)  # torch's cascaded sum: ~1e-7 relative (a BLAS dot here loses ~3e-5 at V=32k)
     log_S = torch.log(S)  # -inf for an all -inf row
-    H = torch.where(S > 0, log_S - T / S, torch.zeros_like(S))
+    H = torch.where(S == 0, torch.zeros_like(S), log_S - T / S)  # NaN S (NaN / +inf logits) stays NaN
     return RowStats(m_ref.view(-1), log_S, H)
 
 
@@ -103,10 +103,11 @@ def merge_stats(m1, S1, T1, m2, S2, T2) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 def finalize_stats(m: torch.Tensor, S: torch.Tensor, T: torch.Tensor) -> RowStats:
-    """:class:`RowStats` from merged ``(m, S, T)``: ``log S`` and ``H = log S - T / S`` (``H = 0`` when ``S = 0``)."""
+    """:class:`RowStats` from merged ``(m, S, T)``: ``log S`` and ``H = log S - T / S`` (``H = 0`` when ``S = 0``;
+    NaN when ``S`` is NaN)."""
     m_ref = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     log_S = torch.log(S)  # -inf for an all -inf row
-    H = torch.where(S > 0, log_S - T / S, torch.zeros_like(S))
+    H = torch.where(S == 0, torch.zeros_like(S), log_S - T / S)
     return RowStats(m_ref, log_S, H)
 
 

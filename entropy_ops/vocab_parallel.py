@@ -51,6 +51,8 @@ from ._validation import (
     check_softcap,
     check_targets,
     check_temperature,
+    linear_row_max_abs,
+    max_abs_finite,
     value_checks_enabled,
     widen_targets,
 )
@@ -164,12 +166,21 @@ def _saved_stats(stats: RowStats, keep: torch.Tensor) -> torch.Tensor:
     return torch.stack((m, stats.log_S, stats.H))
 
 
-def _finish(part, owned, targets, params: VocabParallelParams, what: str):
-    """Reduce the partials; return ``(logp, H, saved stats [3, N])`` with ignored rows zeroed."""
+def _finish(part, owned, targets, params: VocabParallelParams, what: str, local_row_max_abs):
+    """Reduce the partials; return ``(logp, H, saved stats [3, N])`` with ignored rows zeroed.
+
+    ``local_row_max_abs(idx)``: ``max |finite logit|`` of row ``idx`` in this shard (a float), reduced over
+    the group only when a row fails the value check, to tell a ``temperature`` overflow from bad logits.
+    """
     keep = targets != params.op.ignore_index
     stats, logp = combine_shards(part, owned, params.group, keep)
-    if params.check_values:  # same data on every rank: all raise together
-        check_finite_rows(stats.lse, keep, what)
+    if params.check_values:  # same data on every rank: all raise together (and all join the MAX below)
+        def row_max_abs(idx: int) -> float:
+            largest = torch.tensor([local_row_max_abs(idx)], dtype=torch.float64, device=part.device)
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=params.group)
+            return float(largest[0])
+
+        check_finite_rows(stats.lse, keep, what, temperature=params.op.temperature, row_max_abs=row_max_abs)
     zero = torch.zeros_like(logp)
     return torch.where(keep, logp, zero), torch.where(keep, stats.H, zero), _saved_stats(stats, keep)
 
@@ -216,7 +227,8 @@ class VocabParallelTokenLogprobsEntropy(torch.autograd.Function):
         forward = token_forward_triton if op.backend == "triton" else token_forward_torch
         logp_r, H_r, m_r, log_S_r = forward(logits3d, fwd_t, op)
         part = shard_partials(logp_r, m_r, log_S_r, H_r, owned)
-        logp, H, saved = _finish(part, owned, flat, params, "logits")
+        logp, H, saved = _finish(part, owned, flat, params, "logits",
+                                 lambda idx: max_abs_finite(logits3d.reshape(-1, logits3d.shape[-1])[idx]))
         ctx.save_for_backward(logits_shard, bwd_t, saved)
         ctx.params = params
         lead = logits_shard.shape[:-1]
@@ -253,7 +265,9 @@ class VocabParallelLinearLogprobsEntropy(torch.autograd.Function):
         fwd_t, bwd_t, owned = shard_targets(flat, params.vocab_start, weight.shape[0], op.ignore_index)
         logp_r, _, st = linear_forward(hidden, weight, bias, fwd_t, op)
         part = shard_partials(logp_r, st[0], st[1], st[2], owned)  # st[2]: H of every row (logp_r's H is masked)
-        logp, H, saved = _finish(part, owned, flat, params, "logits (hidden @ weight_shard.T)")
+        logp, H, saved = _finish(part, owned, flat, params, "logits (hidden @ weight_shard.T)",
+                                 lambda idx: linear_row_max_abs(hidden.reshape(-1, hidden.shape[-1])[idx], weight,
+                                                                bias, op.logit_softcap))
         ctx.save_for_backward(hidden, weight, bias, bwd_t, saved)
         ctx.params = params
         lead = hidden.shape[:-1]
@@ -432,7 +446,8 @@ def vocab_parallel_linear_logprobs_and_entropy(
     group, world = _group_and_size(process_group, vocab_start)
     if world == 1:
         return linear_logprobs_and_entropy(hidden, weight_shard, targets, bias=bias_shard, temperature=temperature,
-                                           ignore_index=ignore_index, logit_softcap=logit_softcap, backend=backend)
+                                           ignore_index=ignore_index, logit_softcap=logit_softcap, backend=backend,
+                                           validate=validate)
     check_values = value_checks_enabled(validate, hidden.device)
     n_classes = _n_classes(vocab_start, weight_shard.shape[0], group, hidden.device, check_values)
     check_targets(targets, hidden.shape[:-1], n_classes, ignore_index, hidden.device, validate=check_values)

@@ -101,10 +101,12 @@ def finalize_stats(m, S, T):
 
     The saved statistics of a row are ``(m, log_S, H)``: backward forms
     ``log p = (s - m) - log_S`` (see :func:`logit_grad`), never ``s - lse``.
-    An all ``-inf`` row gives ``log_S = -inf``, ``H = 0``.
+    An all ``-inf`` row gives ``log_S = -inf``, ``H = 0``; a NaN ``S`` (a NaN or ``+inf`` logit) gives NaN
+    for both, never the statistics of an empty row.
     """
-    log_S = tl.where(S > 0.0, tl.log(tl.where(S > 0.0, S, 1.0)), float("-inf"))
-    H = tl.where(S > 0.0, log_S - T / tl.where(S > 0.0, S, 1.0), 0.0)
+    empty = S == 0.0
+    log_S = tl.where(empty, float("-inf"), tl.log(tl.where(empty, 1.0, S)))
+    H = tl.where(empty, 0.0, log_S - T / tl.where(empty, 1.0, S))
     return log_S, H
 
 

@@ -152,8 +152,10 @@ def _token_logprobs_entropy_fwd(
     m_row, S_row, T_row = reduce_lane_stats(m, S, T)
 
     # S_row = 0: no finite logit (or nothing loaded). Such a row reports m = -inf, log S = -inf,
-    # the empty partial of softmax_stats; a kept one gets NaN log-prob and entropy.
-    has_mass = S_row > 0.0
+    # the empty partial of softmax_stats; a kept one gets NaN log-prob and entropy. A NaN or +inf
+    # logit makes S_row NaN: that row is not empty, its NaN reaches every statistic (a vocab-parallel
+    # merge must see it, not drop the shard as empty).
+    has_mass = S_row != 0.0
     log_S = tl.log(tl.where(has_mass, S_row, 1.0))
     log_S = tl.where(has_mass, log_S, float("-inf"))
     m_row = tl.where(has_mass, m_row, float("-inf"))

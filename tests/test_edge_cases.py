@@ -161,6 +161,22 @@ def test_without_value_checks_a_row_with_no_finite_logit_gives_nan(backend):
     assert torch.isnan(logp[1]) and torch.isnan(H[1]) and torch.isfinite(logp[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_without_value_checks_a_nan_or_inf_logit_gives_nan_not_an_empty_row(backend, bad):
+    # S = sum exp(s - m) is NaN for such a row: it must not be read as an empty row (H = 0, or a
+    # vocab shard that contributes nothing), so both outputs and every statistic are NaN.
+    logits = torch.randn(3, 300)
+    logits[1, 257] = bad
+    with pytest.raises(ValueError, match="row 1"):
+        op(logits, torch.tensor([1, 2, 3]), backend=backend)
+    logp, H, grad = run(logits, torch.tensor([1, 2, 3]), backend, validate=False)
+    assert torch.isnan(logp[1]) and torch.isnan(H[1]) and torch.isnan(grad[1]).all()
+    assert torch.isfinite(logp[[0, 2]]).all() and torch.isfinite(grad[[0, 2]]).all()
+    m, S, T = softmax_stats.block_online_stats_(logits[1:2].clone())
+    assert torch.isnan(softmax_stats.finalize_stats(m, S, T).H).all()
+
+
 # ---------------------------------------------------------------- 4. double backward
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_double_backward_is_refused_loudly(backend):

@@ -173,6 +173,43 @@ def validation_case(rank, world):
     assert torch.isfinite(logp).all()
 
 
+def nonfinite_case(rank, world):
+    """A NaN or +inf logit in one shard is never taken for an empty shard (both paths, both forms): with the
+    value checks the call raises on every rank, without them the row is NaN; a temperature that makes
+    finite logits overflow fp32 is named as such on every rank, whichever shard holds them."""
+    V = 37
+    start, size = LAYOUTS[(world, V)][rank]
+    targets = torch.tensor([1, 2, 3])
+    for backend in ("torch", "triton"):
+        for bad in (float("nan"), float("inf")):
+            g = torch.Generator().manual_seed(seed_of("nonfinite", backend))
+            logits = torch.randn(3, V, generator=g)
+            logits[1, 30] = bad  # one shard only
+            shard = logits[:, start:start + size]
+            with pytest.raises(ValueError, match="row 1"):
+                vp.vocab_parallel_logprobs_and_entropy(shard, targets, vocab_start=start, backend=backend)
+            logp, H = vp.vocab_parallel_logprobs_and_entropy(shard, targets, vocab_start=start, backend=backend,
+                                                             validate=False)
+            assert torch.isnan(logp[1]) and torch.isnan(H[1]) and torch.isfinite(logp[[0, 2]]).all()
+            weight = torch.randn(V, 4, generator=g)
+            weight[30] = bad
+            with pytest.raises(ValueError, match="row 0"):
+                vp.vocab_parallel_linear_logprobs_and_entropy(torch.ones(3, 4), weight[start:start + size], targets,
+                                                              vocab_start=start, backend=backend)
+            logp, H = vp.vocab_parallel_linear_logprobs_and_entropy(
+                torch.ones(3, 4), weight[start:start + size], targets, vocab_start=start, backend=backend,
+                validate=False)
+            assert torch.isnan(logp).all() and torch.isnan(H).all()
+        logits[1, 30] = 1e37
+        with pytest.raises(ValueError, match="temperature=0.001 makes logits / temperature overflow"):
+            vp.vocab_parallel_logprobs_and_entropy(logits[:, start:start + size], targets, vocab_start=start,
+                                                   temperature=1e-3, backend=backend)
+        weight[30] = 1e37
+        with pytest.raises(ValueError, match="temperature=0.001 makes logits / temperature overflow"):
+            vp.vocab_parallel_linear_logprobs_and_entropy(torch.ones(3, 4), weight[start:start + size], targets,
+                                                          vocab_start=start, temperature=1e-3, backend=backend)
+
+
 CASES = {
     "token_fp32": lambda r, w: token_case(r, w),
     "token_bf16": lambda r, w: token_case(r, w, dtype=torch.bfloat16, temperature=1.0, lead=(2, 7)),
@@ -185,6 +222,7 @@ CASES = {
     "linear_weight_grad_only": lambda r, w: linear_case(r, w, needs=(False, True, True)),
     "linear_hidden_grad_only": lambda r, w: linear_case(r, w, needs=(True, False, False)),
     "validation": validation_case,
+    "nonfinite": nonfinite_case,
     "token_triton": lambda r, w: token_case(r, w, backend="triton", lead=(2, 3)),
     "linear_triton": lambda r, w: linear_case(r, w, backend="triton", N=5, D=16),
 }
@@ -214,7 +252,7 @@ def test_two_ranks_every_case():
 
 @pytest.mark.slow
 def test_four_ranks_uneven_unordered_shards():
-    spawn(4, ["token_fp32", "token_bf16", "linear_fp32", "linear_bf16_no_bias", "validation"])
+    spawn(4, ["token_fp32", "token_bf16", "linear_fp32", "linear_bf16_no_bias", "validation", "nonfinite"])
 
 
 def test_partials_merge_across_shards_in_one_process():
