@@ -72,6 +72,25 @@ def vocab_chunk_size(n_rows: int, dim: int, n_vocab: int, gemm_elem: int, block_
     return min(top, max(block_v, _cdiv(chunk, block_v) * block_v))
 
 
+def backward_peak_bytes(n_rows: int, dim: int, n_vocab: int, dtype: torch.dtype, *, bias: bool = False,
+                        vocab_chunk: int | None = None, block_n: int = 128, block_v: int = 128) -> int:
+    """The backward's peak extra bytes (module docstring), the returned gradients and O(N) terms left out::
+
+        N D 4 [16-bit hidden] + N D e_g + N Vc e_g + 4 Vc ceil(N / B_N) [bias] + Vc D 6 [fp16 weight]
+    """
+    gd = gemm_dtype(dtype)
+    e_g = gd.itemsize
+    vc = vocab_chunk_size(n_rows, dim, n_vocab, e_g, block_v, vocab_chunk)
+    total = n_rows * dim * e_g + n_rows * vc * e_g
+    if dtype != torch.float32:
+        total += n_rows * dim * 4
+    if bias:
+        total += 4 * vc * _cdiv(n_rows, block_n)
+    if dtype == torch.float16:
+        total += vc * dim * 6
+    return total
+
+
 def _kernel_meta(dtype: torch.dtype, bias, params) -> dict:
     from .kernels.linear_logprobs_entropy import GROUP_N, input_precision
 

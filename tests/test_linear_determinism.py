@@ -142,3 +142,41 @@ def test_triton_matmul_matches_default_in_16_bit(dtype):
     for name, x, y in zip(("logp", "H", "d_hidden", "d_weight", "d_bias"), a, b):
         assert x.dtype == y.dtype
         assert_close(*_grad_view(name, x, y.double()), 1e-2, name, rowwise=name != "d_bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_backward_buffers_follow_the_memory_formula(monkeypatch, dtype):
+    """The buffers the vocab-chunked backward allocates (torch.empty / torch.zeros, traced) beyond the
+    returned gradients add up to linear_triton.backward_peak_bytes (fp16: less the bf16 W chunk, made by
+    .to()); and the formula's values at the issue's two shapes."""
+    from entropy_ops import linear_triton
+    from entropy_ops.linear_ops import LinearOpParams
+
+    if dtype == torch.bfloat16:
+        assert round(linear_triton.backward_peak_bytes(8192, 4096, 131072, dtype) / 1e9, 3) == 0.235
+        assert round(linear_triton.backward_peak_bytes(32768, 3584, 152064, dtype) / 1e9, 3) == 0.822
+    n, d, v, chunk = 50, 32, 700, 256
+    hidden, weight, bias, targets = make_inputs(n, d, v, dtype, seed=29)
+    params = LinearOpParams(backend="triton", vocab_chunk=chunk)
+    h3d = hidden.unsqueeze(0)
+    stats = linear_triton.forward_chunks(h3d, weight, bias, targets, params)[2]
+    sizes = []
+    for name in ("empty", "zeros"):
+        def traced(*args, original=getattr(torch, name), **kwargs):
+            out = original(*args, **kwargs)
+            sizes.append((out.data_ptr(), tuple(out.shape), out.element_size() * out.numel()))
+            return out
+
+        monkeypatch.setattr(torch, name, traced)
+    g = torch.ones(n)
+    dh, dw, db = linear_triton.backward_chunks(h3d, weight, bias, targets, stats, g, g, params, (True, True, True),
+                                               vocab_chunk=chunk)
+    monkeypatch.undo()
+    returned = {dw.data_ptr(), db.data_ptr()}
+    if dtype == torch.float32:
+        returned.add(dh.data_ptr())  # for fp32 hidden the fp32 accumulator is the gradient itself
+    extra = sum(nbytes for ptr, shape, nbytes in sizes if ptr not in returned and shape != ())  # () : dtype probes
+    expected = linear_triton.backward_peak_bytes(n, d, v, dtype, bias=True, vocab_chunk=chunk)
+    if dtype == torch.float16:
+        expected -= linear_triton.vocab_chunk_size(n, d, v, 2, 128, chunk) * d * 2  # W chunk: .to(), not traced
+    assert extra == expected, sizes
