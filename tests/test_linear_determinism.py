@@ -180,3 +180,23 @@ def test_backward_buffers_follow_the_memory_formula(monkeypatch, dtype):
     if dtype == torch.float16:
         expected -= linear_triton.vocab_chunk_size(n, d, v, 2, 128, chunk) * d * 2  # W chunk: .to(), not traced
     assert extra == expected, sizes
+
+
+def test_grouped_order_with_a_ragged_last_group(monkeypatch):
+    """19 token blocks (groups of 8: 8, 8, 3) x 4 vocab tiles per chunk: every tile is computed once (values
+    and gradients match the oracle)."""
+    from entropy_ops.kernels import linear_logprobs_entropy as k
+
+    cfg = k.LinearConfig(16, 64, 32, 1, 1)
+    monkeypatch.setattr(k, "launch_config", lambda element_size, allow_tf32=False: (cfg, cfg))
+    hidden, weight, bias, targets = make_inputs(300, 32, 200, torch.float32, seed=31)
+    got = run(hidden, weight, bias, targets, backend="triton", vocab_chunk=256)
+    refs = [x.double().requires_grad_(True) for x in (hidden, weight, bias)]
+    ref_logp, ref_H = reference(*refs, targets)
+    g = torch.Generator().manual_seed(5)
+    ((ref_logp * torch.randn(ref_logp.shape, generator=g).double()).sum()
+     + (ref_H * torch.randn(ref_H.shape, generator=g).double()).sum()).backward()
+    assert_close(got[0], ref_logp, 1e-5, "logp")
+    assert_close(got[1], ref_H, 1e-5, "entropy")
+    for name, value, ref in zip(("d_hidden", "d_weight", "d_bias"), got[2:], refs):
+        assert_close(*_grad_view(name, value, ref.grad), 1e-5, name, rowwise=True)
