@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_softcap, check_temperature
+from ._validation import check_softcap, check_temperature, widen_targets
 from .linear_ops import linear_logprobs_and_entropy
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -56,9 +56,11 @@ def target_logits(hidden, weight, targets, *, bias=None, ignore_index=-100, logi
     ``O(N D)``: gathers the target rows of ``weight``; differentiable in ``hidden``, ``weight``, ``bias``.
     """
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    targets = widen_targets(targets).view(targets.shape)  # a narrow dtype must not wrap ignore_index
     keep = targets != ignore_index
-    safe = torch.where(keep, targets, 0).reshape(-1).to(torch.int64)
-    h = hidden.reshape(-1, hidden.shape[-1]).to(acc)
+    safe = torch.where(keep, targets, 0).reshape(-1)
+    # ignored rows enter as zeros: whatever they hold (NaN, inf), no NaN reaches d weight through 0 * h
+    h = torch.where(keep.reshape(-1, 1), hidden.reshape(-1, hidden.shape[-1]).to(acc), 0.0)
     z = (h * weight.index_select(0, safe).to(acc)).sum(-1)
     if bias is not None:
         z = z + bias.index_select(0, safe).to(acc)
@@ -67,10 +69,11 @@ def target_logits(hidden, weight, targets, *, bias=None, ignore_index=-100, logi
     return torch.where(keep.reshape(-1), z / temperature, 0.0).view(targets.shape)
 
 
-def _row_mean_logits(hidden, weight, bias, temperature) -> torch.Tensor:
-    """``mean_v s_v = (h . mean_v W_v + mean_v b_v) / tau`` (no soft-cap), fp32 / fp64 ``[...]``."""
+def _row_mean_logits(hidden, weight, bias, temperature, keep) -> torch.Tensor:
+    """``mean_v s_v = (h . mean_v W_v + mean_v b_v) / tau`` (no soft-cap), fp32 / fp64 ``[...]``; rows not in
+    ``keep`` use ``h = 0`` (their value is discarded, and a NaN there must not reach the weight's gradient)."""
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    mean = hidden.to(acc) @ weight.to(acc).mean(0)
+    mean = torch.where(keep.unsqueeze(-1), hidden.to(acc), 0.0) @ weight.to(acc).mean(0)
     if bias is not None:
         mean = mean + bias.to(acc).mean()
     return mean / temperature
@@ -126,6 +129,9 @@ def linear_cross_entropy(
     if label_smoothing and logit_softcap is not None:
         raise ValueError("label_smoothing with logit_softcap is not supported: the smoothing term needs the mean "
                          "of the soft-capped logits over the vocabulary, which the fused op does not compute")
+    if isinstance(targets, torch.Tensor) and not (targets.dtype.is_floating_point or targets.dtype.is_complex
+                                                  or targets.dtype == torch.bool):
+        targets = widen_targets(targets).view(targets.shape)  # compare with ignore_index after widening
     if (isinstance(ignore_index, int) and not isinstance(ignore_index, bool) and isinstance(weight, torch.Tensor)
             and weight.dim() == 2 and 0 <= ignore_index < weight.shape[0] and isinstance(targets, torch.Tensor)):
         targets = torch.where(targets == ignore_index, _IGNORED, targets)
@@ -139,7 +145,7 @@ def linear_cross_entropy(
         s_y = target_logits(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
                             logit_softcap=logit_softcap, temperature=temperature).to(logp.dtype)
         if label_smoothing:
-            s_mean = _row_mean_logits(hidden, weight, bias, temperature).to(logp.dtype)
+            s_mean = _row_mean_logits(hidden, weight, bias, temperature, keep).to(logp.dtype)
             loss = loss + torch.where(keep, label_smoothing * (s_y - s_mean), 0.0)
         if z_loss:
             loss = loss + torch.where(keep, z_loss * (s_y - logp).square(), 0.0)

@@ -119,3 +119,35 @@ def test_bad_arguments_raise():
         LinearCrossEntropy(temperature=0.0)
     with pytest.raises(ValueError, match="targets"):
         linear_cross_entropy(hidden, weight, targets.clamp(min=0) + V)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ignored_rows_with_nan_hidden_and_narrow_targets(backend):
+    # Ignored rows may hold anything: with label smoothing / z-loss (the O(N D) target-logit and row-mean
+    # terms) a NaN there must not reach d weight through 0 * NaN. Narrow unsigned targets are compared
+    # with ignore_index after widening: uint8 156 is the id 156, not -100 wrapped.
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(4, D, generator=g)
+    hidden[1] = float("nan")
+    weight = (torch.randn(200, D, generator=g) / 2).requires_grad_()
+    targets = torch.tensor([156, -100, 3, 199])
+    opts = dict(label_smoothing=0.1, z_loss=1e-2, reduction="mean")
+    for t in (targets, targets.to(torch.int16)):
+        h = hidden.clone().requires_grad_()
+        loss = linear_cross_entropy(h, weight, t, backend=backend, **opts)
+        (dw,) = torch.autograd.grad(loss, weight, retain_graph=True)
+        assert torch.isfinite(dw).all() and bool((torch.autograd.grad(loss, h)[0][1] == 0).all())
+    keep = torch.tensor([0, 2, 3])
+    sub = linear_cross_entropy(hidden[keep], weight, targets[keep], backend=backend, **opts)
+    assert_close(loss.detach(), sub.detach(), 1e-6, "ignored row changes nothing")
+    u8 = torch.tensor([156, 7, 3, 199], dtype=torch.uint8)
+    loss = linear_cross_entropy(hidden[keep].repeat(2, 1)[:4], weight, u8, backend=backend, reduction="none", **{
+        k: v for k, v in opts.items() if k != "reduction"})
+    ref = linear_cross_entropy(hidden[keep].repeat(2, 1)[:4], weight, u8.long(), backend=backend, reduction="none",
+                               **{k: v for k, v in opts.items() if k != "reduction"})
+    assert torch.equal(loss, ref)
+    ref = linear_cross_entropy(hidden[keep].repeat(2, 1)[:4], weight, u8.long(), backend=backend, ignore_index=7,
+                               reduction="none")
+    loss = linear_cross_entropy(hidden[keep].repeat(2, 1)[:4], weight, u8, backend=backend, ignore_index=7,
+                                reduction="none")  # an ignore_index inside the vocabulary, narrow targets
+    assert torch.equal(loss, ref) and loss[1] == 0
