@@ -37,7 +37,7 @@ from .perf_pieces import (DTYPE_BYTES, STATIC_REPORT, TOKEN_MODULE, Piece, _stre
 from .shapes import Shape, parse_shapes
 
 MODEL_PRESETS = ("headline", "liger-hopper", "verl-qwen32b", "slime-248k", "skyrl-65k", "qwen2.5-7b",
-                 "llama3-8b", "gemma3")
+                 "llama3-8b", "gemma3", "gemma2-9b")
 
 
 # ---------------------------------------------------------------------------------------- logits op

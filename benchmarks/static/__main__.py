@@ -99,6 +99,16 @@ def git_sha() -> str | None:
         return None
 
 
+def kernels_dirty() -> bool | None:
+    """Whether ``kernels/`` has uncommitted changes (the report then describes no commit exactly)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "kernels"], capture_output=True, text=True,
+                             check=True, cwd=Path(__file__).parents[2]).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return bool(out.strip())
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks.static", description=__doc__.split("\n\n")[0])
     p.add_argument("--module", action="append", help="kernel module(s) (default: every entropy_ops.kernels "
@@ -125,7 +135,7 @@ def main(argv=None) -> int:
     stamp = datetime.datetime.now(datetime.timezone.utc)
     out = Path(args.out) if args.out else Path(__file__).parents[1] / "out" / f"static-{stamp:%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"schema": "entropy-ops-static/1", "date": stamp.isoformat(timespec="seconds"), "git_sha": git_sha(),
+    doc = {"schema": "entropy-ops-static/1", "date": stamp.isoformat(timespec="seconds"), "git_sha": git_sha(), "kernels_dirty": kernels_dirty(),
            "triton": triton.__version__, "modules": modules, "subset": args.subset, "rows": rows}
     out.write_text(json.dumps(doc, indent=1))
     print(f"{len(rows)} rows, {sum('error' in r for r in rows)} errors, "
