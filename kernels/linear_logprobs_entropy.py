@@ -380,14 +380,14 @@ def gemm_dtype_name(dtype_name: str) -> str:
 
 def compile_specs() -> list[LaunchSpec]:
     """Every configuration of the tile kernels the dispatcher can launch on CUDA, at N=8192, D=4096,
-    V=131072 with vocab chunks of Vc=4096 (second chunk: ``v_begin`` = 4096), contiguous ``hidden``.
+    V=131072 with vocab chunks of Vc=2048 (second chunk: ``v_begin`` = 2048), contiguous ``hidden``.
 
     The constexpr flags multiply: per input dtype / precision (fp32 IEEE, fp32 TF32, bf16, fp16) the
     forward has 8 (bias x soft-cap x STORE_LOGITS, the last for the one-pass loss), the ``dz`` kernel 6
     (bias x soft-cap x bias gradient when there is a bias); ``_linear_onepass_grad`` 8 (workspace bf16 /
     fp32 x soft-cap x bias gradient), the merge 2: 66 in all, every one launchable. ``DOT_FP32`` is
     always False here (interpreter only)."""
-    n, d, vc, v = 8192, 4096, 4096, 131072
+    n, d, vc, v = 8192, 4096, 2048, 131072
     specs = []
     for dt, elem, tf32 in (("fp32", 4, False), ("fp32", 4, True), ("bf16", 2, False), ("fp16", 2, False)):
         fwd, bwd = launch_config(elem, tf32)
@@ -399,18 +399,22 @@ def compile_specs() -> list[LaunchSpec]:
                 common = dict(h_ptr=Pointer(dt), w_ptr=Pointer(dt), b_ptr=Pointer(dt), targets_ptr=Pointer("i64"))
                 for store in (False, True):
                     # one-pass: the whole vocabulary per token chunk (v_begin 0, v_end V), workspace [n, V]
-                    v0, v1, tiles = (0, v, v // fwd.block_v) if store else (vc, 2 * vc, vc // fwd.block_v)
-                    args = dict(common, part_ptr=Pointer("fp32"), s_y_ptr=Pointer("fp32"), ws_ptr=Pointer(gd),
+                    # forward chunks of Vf = 16 Vc columns (entropy_ops.linear_triton.FORWARD_CHUNKS)
+                    v0, v1, tiles = (0, v, v // fwd.block_v) if store else (16 * vc, 32 * vc, 16 * vc // fwd.block_v)
+                    # without a workspace the dispatcher passes the partial buffer as a placeholder, stride 0
+                    args = dict(common, part_ptr=Pointer("fp32"), s_y_ptr=Pointer("fp32"),
+                                ws_ptr=Pointer(gd if store else "fp32"),
                                 n_rows=n, n_inner=n, D=d, v_begin=v0, v_end=v1, stride_h_outer=n * d,
                                 stride_h_inner=d, stride_w_v=d, stride_part_stat=tiles * n, stride_part_tile=n,
-                                stride_ws_row=v, inv_tau=1.0, softcap=30.0, ignore_index=-100,
+                                stride_ws_row=v if store else 0, inv_tau=1.0, softcap=30.0, ignore_index=-100,
                                 BLOCK_N=fwd.block_n, BLOCK_V=fwd.block_v, BLOCK_D=fwd.block_d, **meta,
                                 STORE_LOGITS=store)
                     label = f"forward [{dt}{' tf32' if tf32 else ''}]" + (" one-pass" if store else "")
                     specs.append(LaunchSpec(_linear_logprobs_entropy_fwd, args, fwd.num_warps, fwd.num_stages, label))
                 for grad_bias in ((False, True) if has_bias else (False,)):
                     args = dict(common, stats_ptr=Pointer("fp32"), grad_logp_ptr=Pointer("fp32"),
-                                grad_entropy_ptr=Pointer("fp32"), dz_ptr=Pointer(gd), db_part_ptr=Pointer("fp32"),
+                                grad_entropy_ptr=Pointer("fp32"), dz_ptr=Pointer(gd),
+                                db_part_ptr=Pointer("fp32" if grad_bias else gd),  # dz as placeholder
                                 n_rows=n, n_inner=n, D=d, v_begin=vc, v_end=2 * vc, stride_h_outer=n * d,
                                 stride_h_inner=d, stride_w_v=d, stride_dz_row=vc, stride_db_part=vc,
                                 inv_tau=1.0, softcap=30.0, ignore_index=-100,
@@ -423,14 +427,17 @@ def compile_specs() -> list[LaunchSpec]:
             for grad_bias in (False, True):
                 args = dict(ws_ptr=Pointer(gd), part_ptr=Pointer("fp32"), targets_ptr=Pointer("i64"),
                             stats_ptr=Pointer("fp32"), grad_logp_ptr=Pointer("fp32"), grad_entropy_ptr=Pointer("fp32"),
-                            db_part_ptr=Pointer("fp32"), n_rows=n, V=v, stride_ws_row=v, stride_part_tile=n,
+                            db_part_ptr=Pointer("fp32" if grad_bias else gd), n_rows=n, V=v, stride_ws_row=v,
+                            stride_part_tile=n,
                             stride_db_part=v, inv_tau=1.0, tau_over_cap=1 / 30.0, ignore_index=-100,
                             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, HAS_SOFTCAP=has_softcap, GRAD_BIAS=grad_bias)
                 specs.append(LaunchSpec(_linear_onepass_grad, args, ONEPASS_WARPS, 1, f"one-pass dz [{gd}]"))
     for final in (False, True):
         args = dict(part_ptr=Pointer("fp32"), run_ptr=Pointer("fp32"), s_y_ptr=Pointer("fp32"),
                     targets_ptr=Pointer("i64"), logp_ptr=Pointer("fp32"), entropy_ptr=Pointer("fp32"),
-                    stats_ptr=Pointer("fp32"), n_rows=n, n_tiles=vc // 128, V=v, stride_part_stat=(vc // 128) * n,
-                    stride_part_tile=n, ignore_index=-100, BLOCK=MERGE_BLOCK, FINAL=final)
-        specs.append(LaunchSpec(_linear_stats_merge, args, MERGE_WARPS, 1, "merge" + (" final" if final else "")))
+                    stats_ptr=Pointer("fp32"), n_rows=n, n_tiles=16 * vc // 128, V=v,
+                    stride_part_stat=16 * vc // 128 * n, stride_part_tile=n, ignore_index=-100,
+                    BLOCK=MERGE_BLOCK, FINAL=final)
+        label = "merge" + (" final" if final else "")
+        specs.append(LaunchSpec(_linear_stats_merge, args, MERGE_WARPS, 1, label))
     return specs

@@ -69,21 +69,31 @@ def _matmul(
 
 
 def compile_specs() -> list[LaunchSpec]:
-    """The launches of ``_matmul`` the dispatcher makes with ``matmul="triton"`` on CUDA, at N=8192, D=4096,
-    Vc=4096, per operand dtype: ``dW`` chunk (``dz^T`` as a transposed view, C in the weight dtype, or fp32
-    when accumulating over token chunks) and ``dh`` (C fp32, accumulating). fp16 inputs run their
-    gradient matmuls in bf16 (``linear_ops``), so there is no fp16 launch."""
-    n, d, vc = 8192, 4096, 4096
+    """The launches of ``_matmul`` the dispatcher makes with ``matmul="triton"`` on CUDA (N=8192, D=4096,
+    Vc=2048, V=131072), one per specialization: operand dtype (bf16 for 16-bit inputs, fp16 ones included;
+    fp32 IEEE / TF32) x operand layout (``dz^T`` read transposed for ``dW``, ``dz`` row-major for ``dh``)
+    x output (the weight dtype or fp32) x accumulate. bf16: ``dW`` into bf16 (two-pass, one-pass single
+    chunk), into an fp32 block (fp16 weight, one-pass first chunk), added to fp32 (token chunks, one-pass
+    later chunks); ``dh`` into fp32 (first chunk), added to fp32 (later chunks); the one-pass ``dh = dz W``
+    over the whole vocabulary into bf16. fp32: the same four products, all fp32."""
+    n, d, vc, v = 8192, 4096, 2048, 131072
+    dw_t = dict(M=vc, N=d, K=n, stride_am=1, stride_ak=vc, stride_bk=d, stride_bn=1)  # dW[chunk] (+)= dz^T h
+    dh_t = dict(M=n, N=d, K=vc, stride_am=vc, stride_ak=1, stride_bk=d, stride_bn=1)  # dh (+)= dz W[chunk]
+    dh_1 = dict(M=n, N=d, K=v, stride_am=v, stride_ak=1, stride_bk=d, stride_bn=1)  # one-pass dh = dz W
+    launches = [("bf16", "ieee", "dW = dz^T h", dw_t, "bf16", False),
+                ("bf16", "ieee", "dW = dz^T h, fp32 block", dw_t, "fp32", False),
+                ("bf16", "ieee", "dW += dz^T h", dw_t, "fp32", True),
+                ("bf16", "ieee", "dh = dz W", dh_t, "fp32", False),
+                ("bf16", "ieee", "dh += dz W", dh_t, "fp32", True),
+                ("bf16", "ieee", "one-pass dh = dz W", dh_1, "bf16", False)]
+    for prec in ("ieee", "tf32"):
+        launches += [("fp32", prec, "dW = dz^T h", dw_t, "fp32", False),
+                     ("fp32", prec, "dW += dz^T h", dw_t, "fp32", True),
+                     ("fp32", prec, "dh = dz W", dh_t, "fp32", False),
+                     ("fp32", prec, "dh += dz W", dh_t, "fp32", True)]
     specs = []
-    for dt, prec in (("bf16", "ieee"), ("fp32", "ieee"), ("fp32", "tf32")):
-        for label, (m_, n_, k_), a_strides, b_strides, c_dtype, acc in (
-            ("dW = dz^T h", (vc, d, n), (1, vc), (d, 1), dt, False),
-            ("dW += dz^T h (token chunks)", (vc, d, n), (1, vc), (d, 1), "fp32", True),
-            ("dh += dz W", (n, d, vc), (vc, 1), (d, 1), "fp32", True),
-        ):
-            args = dict(a_ptr=Pointer(dt), b_ptr=Pointer(dt), c_ptr=Pointer(c_dtype), M=m_, N=n_, K=k_,
-                        stride_am=a_strides[0], stride_ak=a_strides[1], stride_bk=b_strides[0],
-                        stride_bn=b_strides[1], stride_cm=d, stride_cn=1, **matmul_config(4 if dt == "fp32" else 2),
-                        ACCUMULATE=acc, INPUT_PRECISION=prec, DOT_FP32=False)
-            specs.append(LaunchSpec(_matmul, args, MATMUL_WARPS, MATMUL_STAGES, f"{label} [{dt}, {prec}]"))
+    for dt, prec, label, shape, c_dtype, acc in launches:
+        args = dict(a_ptr=Pointer(dt), b_ptr=Pointer(dt), c_ptr=Pointer(c_dtype), **shape, stride_cm=d, stride_cn=1,
+                    **matmul_config(4 if dt == "fp32" else 2), ACCUMULATE=acc, INPUT_PRECISION=prec, DOT_FP32=False)
+        specs.append(LaunchSpec(_matmul, args, MATMUL_WARPS, MATMUL_STAGES, f"{label} [{dt}, {prec}]"))
     return specs
