@@ -207,3 +207,14 @@ def test_gpu_check_dry_run_without_a_gpu(tmp_path):
     assert doc["tests"]["tests"] > 0 and doc["tests"]["skipped"] == doc["tests"]["tests"]
     assert any("CUDA" in r for r in doc["tests"]["skip_reasons"])
     assert doc["modeled"] and doc["cells"] == []
+
+
+def test_perf_docs_rewrites_only_the_marked_sections(tmp_path):
+    from benchmarks.perf_docs import replace_section
+
+    text = "intro\n<!-- figures:model -->\nold\n<!-- /figures:model -->\noutro\n"
+    once = replace_section(text, "model", "| new |")
+    assert once == "intro\n<!-- figures:model -->\n| new |\n<!-- /figures:model -->\noutro\n"
+    assert replace_section(once, "model", "| new |") == once
+    with pytest.raises(ValueError, match="figures:static"):
+        replace_section(text, "static", "x")
