@@ -138,14 +138,14 @@ def finish_partials(m_global: torch.Tensor, summed: torch.Tensor,
 
     With ``keep`` (rows whose target is not ignored), a kept row whose target no rank owned, or more than
     one did (a target outside ``[0, V)``, or shards that do not tile the vocabulary, when the
-    host-synchronizing checks are off), gets NaN ``m``, ``H`` and ``logp`` (so a NaN gradient): the
-    device-side guard of ``validate=``.
+    host-synchronizing checks are off), or with no finite logit on any shard, gets NaN ``m``, ``H`` and
+    ``logp`` (so a NaN gradient), as in the single-process ops: the device-side guard of ``validate=``.
     """
     S, T, d, owners = summed
     stats = softmax_stats.finalize_stats(m_global, S, T)
     if keep is None:
         return stats, d - stats.log_S
-    bad = keep & (owners != 1)
+    bad = keep & ((owners != 1) | (S == 0))  # S = 0: no finite logit on any shard (H would read 0)
     nan = torch.full_like(S, float("nan"))
     stats = RowStats(torch.where(bad, nan, stats.m), stats.log_S, torch.where(bad, nan, stats.H))
     return stats, torch.where(bad, nan, d - stats.log_S)

@@ -200,6 +200,11 @@ def nonfinite_case(rank, world):
                 torch.ones(3, 4), weight[start:start + size], targets, vocab_start=start, backend=backend,
                 validate=False)
             assert torch.isnan(logp).all() and torch.isnan(H).all()
+        logits[1] = float("-inf")  # no finite logit on any shard: NaN, not H = 0
+        logp, H = vp.vocab_parallel_logprobs_and_entropy(logits[:, start:start + size], targets, vocab_start=start,
+                                                         backend=backend, validate=False)
+        assert torch.isnan(logp[1]) and torch.isnan(H[1]) and torch.isfinite(H[[0, 2]]).all()
+        logits[1] = 0.0
         logits[1, 30] = 1e37
         with pytest.raises(ValueError, match="temperature=0.001 makes logits / temperature overflow"):
             vp.vocab_parallel_logprobs_and_entropy(logits[:, start:start + size], targets, vocab_start=start,
