@@ -123,7 +123,9 @@ def resolve_matmul(matmul: str, device: torch.device) -> str:
 def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool, method: str,
                 allow_tf32: bool = False) -> torch.Tensor:
     """``out (+)= a @ b`` with fp32 accumulation; ``out`` is fp32 or the operands' dtype, any strides the
-    method accepts (cuBLAS: one unit stride). Deterministic for a given shape and method."""
+    method accepts (cuBLAS: one unit stride). Deterministic for a given shape and method. An fp32 ``out``
+    with 16-bit operands uses ``torch.mm``/``torch.addmm`` with ``out_dtype=torch.float32`` (CUDA); where
+    that overload is missing, the Triton matmul."""
     if method == "triton":
         from .kernels import linear_matmul as km
 
@@ -146,10 +148,16 @@ def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumula
                 torch.addmm(out, a, b, out=out)
             else:
                 torch.mm(a, b, out=out)
-        elif accumulate:  # fp32 out, 16-bit operands: cuBLAS adds its fp32 accumulator to out (C fp32)
-            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-        else:  # fp32 out, 16-bit operands: cuBLAS writes its fp32 accumulator
-            torch.mm(a, b, out_dtype=torch.float32, out=out)
+        else:  # fp32 out, 16-bit operands: cuBLAS writes (or adds to out) its fp32 accumulator
+            try:
+                if accumulate:
+                    torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+                else:
+                    torch.mm(a, b, out_dtype=torch.float32, out=out)
+            except (RuntimeError, TypeError, NotImplementedError):
+                # a torch build without the out_dtype overloads on this device: the same product in the
+                # Triton matmul (fp32 accumulation, one fp32 store), never a rounded 16-bit intermediate
+                return matmul_into(out, a, b, accumulate=accumulate, method="triton")
     else:  # CPU tensors (interpreter runs): the same product in fp32 PyTorch
         prod = a.to(torch.float32) @ b.to(torch.float32)
         if accumulate:
