@@ -200,3 +200,22 @@ def test_grouped_order_with_a_ragged_last_group(monkeypatch):
     assert_close(got[1], ref_H, 1e-5, "entropy")
     for name, value, ref in zip(("d_hidden", "d_weight", "d_bias"), got[2:], refs):
         assert_close(*_grad_view(name, value, ref.grad), 1e-5, name, rowwise=True)
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_cublas_mixed_dtype_product_falls_back_to_triton(monkeypatch, accumulate):
+    """The fp32-output product of 16-bit operands: without torch's out_dtype overloads (simulated), the
+    Triton matmul computes it, in fp32 and without a rounded 16-bit intermediate."""
+    from entropy_ops import linear_triton
+
+    def missing(*args, **kwargs):
+        raise RuntimeError("out_dtype is not supported here")
+
+    g = torch.Generator().manual_seed(37)
+    a, b = torch.randn(40, 48, generator=g).bfloat16(), torch.randn(48, 24, generator=g).bfloat16()
+    out = torch.randn(40, 24, generator=g)
+    expected = (out.double() if accumulate else 0) + a.double() @ b.double()
+    monkeypatch.setattr(torch, "mm", missing)
+    monkeypatch.setattr(torch, "addmm", missing)
+    linear_triton.matmul_into(out, a, b, accumulate=accumulate, method="cublas")
+    assert_close(out, expected, 1e-6, "a @ b")
