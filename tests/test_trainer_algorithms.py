@@ -7,7 +7,7 @@ from entropy_ops.trainers.algorithms import ALGORITHMS
 from entropy_ops.trainers.config import TrainConfig
 from entropy_ops.trainers.grpo_trainer import Trainer
 
-SMALL = dict(num_prompts=3, group_size=4, max_new_tokens=8, micro_batch_size=6, num_eval_prompts=4, eval_samples=1,
+SMALL = dict(dataset="arithmetic", num_prompts=3, group_size=4, max_new_tokens=16, micro_batch_size=6, num_eval_prompts=4, eval_samples=1,
              eval_every=0, save_every=0, learning_rate=1e-3, log_every=1, seed=5, temperature=1.2, max_steps=2,
              plot=False)
 

@@ -68,11 +68,11 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Gradient clipping by global norm (0: off).")
     num_iterations: int = _f(1, "Optimizer passes over each rollout batch (PPO epochs).")
     micro_batch_size: int = _f(64, "Completions per forward/backward; gradients accumulate over the batch.")
-    max_steps: int = _f(200, "Training steps (one rollout batch each).")
+    max_steps: int = _f(40, "Training steps (one rollout batch each).")
     # --- evaluation and logging
-    eval_every: int = _f(50, "Evaluate on held-out prompts every N steps (0: only before and after training).")
+    eval_every: int = _f(40, "Evaluate on held-out prompts every N steps (0: only before and after training).")
     eval_at_start: bool = _f(True, "Evaluate before the first step (false: skip it, e.g. when runs share one base evaluation).")
-    eval_samples: int = _f(4, "Sampled completions per held-out prompt (plus one greedy).")
+    eval_samples: int = _f(2, "Sampled completions per held-out prompt (plus one greedy).")
     log_every: int = _f(10, "Print a metrics line every N steps (the JSONL log gets every step).")
     plot: bool = _f(True, "Write reward and entropy over steps to OUTPUT_DIR/metrics.png at the end.")
     # --- checkpoints

@@ -10,7 +10,7 @@ warm-up curve and the snapshot chosen). Nothing is downloaded.
   single characters, with ``\\boxed{`` as one token, ``<pad>``, ``<eos>``,
   ``<unk>``; 64 tokens; ``=`` and ``;`` of the scratchpad were already in it).
 - Model: a ``Qwen2Config`` decoder (hidden 128, 4 layers, 4 heads, MLP 512,
-  tied embeddings, 128 positions; about 1.07M parameters), randomly
+  tied embeddings, rotary positions up to 128; 1,059,456 parameters), randomly
   initialized with the seed.
 - Warm-up: supervised training on the ``addition`` task of ``tasks.py``
   (``What is 23+58+41?`` -> ``23+41=64;64+58=122;\\boxed{122}<eos>``, the operands
@@ -31,7 +31,12 @@ warm-up curve and the snapshot chosen). Nothing is downloaded.
   points per 100 steps but not monotonically, hence evaluation, not a fixed step.
 
 Deterministic with the defaults (one thread, seeded data and initialization).
-``warmup.json`` records the curve, the chosen step and the wall time.
+``warmup.json`` records the curve, the chosen step and the wall time. The
+shipped model: held-out greedy accuracy (500 problems) 0.24 / 0.22 / 0.30 /
+0.38 / 0.32 / 0.40 / **0.45** / 0.48 / 0.54 / 0.61 at steps 500-1400, so step 1100
+was kept: greedy 0.448, sampled 0.34, planted slice greedy 0.09 (the slice only
+dropped below 0.3 from step 1000 on). 1603 s wall on the project's shared 2-core
+machine, other jobs running beside it.
 """
 from __future__ import annotations
 
