@@ -81,14 +81,20 @@ def train_rows(rdir: str) -> list[dict]:
 
 
 def mechanism(algo: str, rows: list[dict]) -> dict:
-    """Step-averaged mechanism-check values of one run (and the maximum of the 'must be 0' fractions)."""
+    """Step-averaged mechanism-check values of one run; for the fractions that must stay 0 also their
+    maximum over steps, for SEED-GRPO's factor its minimum and maximum over steps."""
     out = {}
     for key in MECHANISM_KEYS.get(algo, ()):
         values = [float(r[key]) for r in rows if key in r]
-        if values:
-            out[key] = sum(values) / len(values)
+        if not values:
+            continue
+        out[key] = sum(values) / len(values)
+        if key.endswith("_frac") or key.endswith("_unguarded"):
             out[key + " (max over steps)"] = max(values)
+        if key in ("seed/factor_signal_min", "seed/factor_signal_p10"):
             out[key + " (min over steps)"] = min(values)
+        if key in ("seed/factor_signal_max", "seed/factor_signal_p90"):
+            out[key + " (max over steps)"] = max(values)
     return out
 
 

@@ -25,10 +25,12 @@ alone contributes ``6.9 / K`` nats: it can exceed ``log G`` (hence the clamp of
 ``alpha`` default 1.0: the factor then spans its whole range, ``f = 1`` for a
 group that agrees on one answer and ``1 - SE / log G`` otherwise. The paper's
 reported ``alpha = 0.02`` keeps ``f`` in ``[0.98, 1]`` (on the embedded task
-SEED-GRPO was then Dr.GRPO to 2%). Measured on rollouts of the embedded model
-(``docs/algorithms.md``): with ``alpha = 1`` the factor of the groups that carry
-signal spans about 0.3-0.9. :meth:`SeedGRPO.step_metrics` logs the semantic
-entropy and the factor's distribution every step.
+SEED-GRPO was then Dr.GRPO to 2%). Measured on the embedded task (40 steps of
+8 x 8 rollouts, seed 100, ``docs/algorithms.md``): with ``alpha = 1`` the semantic
+entropy averaged 1.2 nats (``log 8 = 2.08``) and the factor of the groups that
+carry signal had, averaged over steps, p10 0.19, median 0.43, p90 0.70.
+:meth:`SeedGRPO.step_metrics` logs the semantic entropy and the factor's
+distribution every step.
 
 Other defaults follow docs/math.md section 5: ``f = linear``, no std division,
 length-normalized log-probs, likelihood weighting. ``exp(l_o)`` is normalized
