@@ -150,13 +150,21 @@ def max_abs_finite(z: torch.Tensor) -> float:
 
 def linear_row_max_abs(hidden_row: torch.Tensor, weight: torch.Tensor, bias, softcap) -> float:
     """:func:`max_abs_finite` of one row of ``cap(hidden_row @ weight.T + bias)``, formed in float64 (a
-    row whose fp32 logits overflow comes out above the fp32 range, and is then not blamed on the temperature)."""
-    z = weight.double() @ hidden_row.double()
-    if bias is not None:
-        z = z + bias.double()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return max_abs_finite(z)
+    row whose fp32 logits overflow comes out above the fp32 range, and is then not blamed on the temperature),
+    ``_ROW_BLOCK`` vocab rows at a time (never a float64 copy of the whole weight)."""
+    h = hidden_row.double()
+    largest = 0.0
+    for v0 in range(0, weight.shape[0], _ROW_BLOCK):
+        z = weight[v0:v0 + _ROW_BLOCK].double() @ h
+        if bias is not None:
+            z = z + bias[v0:v0 + _ROW_BLOCK].double()
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        largest = max(largest, max_abs_finite(z))
+    return largest
+
+
+_ROW_BLOCK = 8192  # vocab rows per float64 block of linear_row_max_abs (8192 D 8 bytes)
 
 
 def _check_scaled_row(largest: float, temperature: float, idx: int) -> None:
