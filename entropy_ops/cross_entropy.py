@@ -73,7 +73,8 @@ def _row_mean_logits(hidden, weight, bias, temperature, keep) -> torch.Tensor:
     """``mean_v s_v = (h . mean_v W_v + mean_v b_v) / tau`` (no soft-cap), fp32 / fp64 ``[...]``; rows not in
     ``keep`` use ``h = 0`` (their value is discarded, and a NaN there must not reach the weight's gradient)."""
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    mean = torch.where(keep.unsqueeze(-1), hidden.to(acc), 0.0) @ weight.to(acc).mean(0)
+    with torch.autocast(hidden.device.type, enabled=False):  # in acc even inside an autocast region
+        mean = torch.where(keep.unsqueeze(-1), hidden.to(acc), 0.0) @ weight.to(acc).mean(0)
     if bias is not None:
         mean = mean + bias.to(acc).mean()
     return mean / temperature

@@ -151,3 +151,13 @@ def test_ignored_rows_with_nan_hidden_and_narrow_targets(backend):
     loss = linear_cross_entropy(hidden[keep].repeat(2, 1)[:4], weight, u8, backend=backend, ignore_index=7,
                                 reduction="none")  # an ignore_index inside the vocabulary, narrow targets
     assert torch.equal(loss, ref) and loss[1] == 0
+
+
+def test_label_smoothing_term_ignores_an_autocast_region():
+    # The smoothing term's row mean is a matmul: inside torch.autocast it must still run in fp32, as the
+    # fused op does (the Triton path is not autocast; PyTorch's own fp32 cross-entropy is the reference).
+    hidden, weight, _, targets = make_inputs((2, 3), seed=7)
+    plain = linear_cross_entropy(hidden, weight, targets, label_smoothing=0.1, backend="triton")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = linear_cross_entropy(hidden, weight, targets, label_smoothing=0.1, backend="triton")
+    assert_close(cast.detach(), plain.detach(), 1e-6, "loss inside autocast")
