@@ -193,25 +193,15 @@ def markdown(result: dict, meta: dict, baseline: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(output_dir: str, result: dict, algos, seeds, png_path: str, window: int = 10) -> str:
-    """Left: final held-out greedy and sampled accuracy per method (mean, 95% interval bars, the base
-    model's interval as a band). Right: training reward over steps, mean over seeds with its 95% band."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from .compare import run_dir
-
-    fig = Figure(figsize=(13, 5.2), dpi=110)
-    FigureCanvasAgg(fig)
-    ax_acc, ax_r = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.1, 1]})
+def _accuracy_panel(ax, result: dict, algos, series) -> None:
+    """Per method, mean and 95% interval bar of each ``(key, color, dx, label)``; the base model's interval as a band."""
     base = result["base"]
-    for key, color, dx, label in (("eval/greedy_correct", "C0", -0.15, "greedy"),
-                                  ("eval/sampled_correct", "C1", 0.15, "sampled (mean of k)")):
+    for key, color, dx, label in series:
         b = base[key]
         if b["mean"] is not None:
             half = b["half"] or 0.0
-            ax_acc.axhspan(100 * (b["mean"] - half), 100 * (b["mean"] + half), color=color, alpha=0.12)
-            ax_acc.axhline(100 * b["mean"], color=color, lw=0.8, ls="--")
+            ax.axhspan(100 * (b["mean"] - half), 100 * (b["mean"] + half), color=color, alpha=0.12)
+            ax.axhline(100 * b["mean"], color=color, lw=0.8, ls="--")
         xs, ys, es = [], [], []
         for i, algo in enumerate(algos):
             st = result["algos"][algo]["metrics"][key]
@@ -220,49 +210,36 @@ def plot(output_dir: str, result: dict, algos, seeds, png_path: str, window: int
             xs.append(i + dx)
             ys.append(100 * st["mean"])
             es.append(100 * (st["half"] or 0.0))
-            ax_acc.plot([i + dx] * len(st["values"]), [100 * v for v in st["values"]], ".", color=color, alpha=0.35)
-        ax_acc.errorbar(xs, ys, yerr=es, fmt="o", color=color, capsize=4, label=f"{label} (band: base model)")
-    ax_acc.set_xticks(range(len(algos)), algos, rotation=30)
+            ax.plot([i + dx] * len(st["values"]), [100 * v for v in st["values"]], ".", color=color, alpha=0.35)
+        ax.errorbar(xs, ys, yerr=es, fmt="o", color=color, capsize=4, label=f"{label} (dashed, band: base model)")
+    ax.set_xticks(range(len(algos)), algos, rotation=30)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="best", fontsize=8)
+
+
+def plot(output_dir: str, result: dict, algos, seeds, png_path: str, window: int = 10) -> str:
+    """Left: final held-out greedy and sampled accuracy per method; right: greedy accuracy on the planted
+    slice and on the rest. Means over seeds with 95% interval bars, seeds as dots, the base model's
+    interval as a band."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 5.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax_acc, ax_slice = fig.subplots(1, 2)
+    _accuracy_panel(ax_acc, result, algos, (("eval/greedy_correct", "C0", -0.15, "greedy"),
+                                            ("eval/sampled_correct", "C1", 0.15, "sampled (mean of k)")))
     ax_acc.set_ylabel("held-out accuracy after training (%)")
-    ax_acc.grid(alpha=0.3, axis="y")
-    ax_acc.legend(loc="best", fontsize=8)
-    for i, algo in enumerate(algos):
-        curves = []
-        for s in seeds:
-            rows = [r for r in train_rows(run_dir(output_dir, algo, s)) if "reward/mean" in r]
-            if rows:
-                curves.append([float(r["reward/mean"]) for r in rows])
-        if not curves:
-            continue
-        length = min(map(len, curves))
-        smooth = [_moving([c[j] for j in range(length)], window) for c in curves]
-        mean = [sum(c[j] for c in smooth) / len(smooth) for j in range(length)]
-        if len(smooth) > 1:
-            half = [t975(len(smooth) - 1) * math.sqrt(sum((c[j] - mean[j]) ** 2 for c in smooth) / (len(smooth) - 1))
-                    / math.sqrt(len(smooth)) for j in range(length)]
-        else:
-            half = [0.0] * length
-        steps = list(range(1, length + 1))
-        ax_r.plot(steps, mean, color=f"C{i % 10}", lw=1.5, label=algo)
-        ax_r.fill_between(steps, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
-                          color=f"C{i % 10}", alpha=0.15)
-    ax_r.set_xlabel("step")
-    ax_r.set_ylabel(f"train correctness reward ({window}-step moving avg)")
-    ax_r.grid(alpha=0.3)
-    ax_r.legend(loc="best", fontsize=8, ncol=2)
+    ax_acc.set_title("all held-out problems", fontsize=10)
+    _accuracy_panel(ax_slice, result, algos, (("eval/greedy_correct/carry78", "C2", -0.15, "planted slice, greedy"),
+                                              ("eval/greedy_correct/rest", "C4", 0.15, "rest, greedy")))
+    ax_slice.set_ylabel("held-out greedy accuracy after training (%)")
+    ax_slice.set_title("planted dropped-carry slice vs the rest", fontsize=10)
+    n = max((len(e["seeds_done"]) for e in result["algos"].values()), default=0)
+    fig.suptitle(f"entropy-ops compare: {n} seeds per method, 95% intervals over seeds", fontsize=11)
     fig.tight_layout()
     fig.savefig(png_path)
     return png_path
-
-
-def _moving(values: list[float], window: int) -> list[float]:
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
 
 
 def report(output_dir: str, algos, seeds, *, walls: dict | None = None, meta: dict | None = None,
