@@ -431,10 +431,10 @@ def test_trainer_trains_with_the_vllm_engine_and_keeps_it_in_sync(tmp_path, monk
     module = types.ModuleType("vllm")
     module.LLM, module.SamplingParams = SamplingFakeLLM, FakeSamplingParams
     monkeypatch.setitem(sys.modules, "vllm", module)
-    # A reward that differs between samples whatever the model answers, so every step has a signal.
+    # A reward that differs between the samples of every group whatever the model answers (a confident model
+    # may sample one string G times), so every step has a signal.
     rewards = types.ModuleType("entropy_ops_vllm_test_rewards")
-    rewards.digits = lambda prompts, completions, **_: [sum(c.isdigit() for c in s) / max(len(s), 1)
-                                                        for s in completions]
+    rewards.digits = lambda prompts, completions, **_: [float(i % 2) for i in range(len(completions))]
     monkeypatch.setitem(sys.modules, rewards.__name__, rewards)
     threads = torch.get_num_threads()
     config = TrainConfig.from_dict(dict(
