@@ -30,8 +30,9 @@ warm-up curve and the snapshot chosen). Nothing is downloaded.
   model that formats every answer. The warm-up accuracy rises by about 10
   points per 100 steps but not monotonically, hence evaluation, not a fixed step.
 
-Deterministic with the defaults (one thread, seeded data and initialization).
-``warmup.json`` records the curve, the chosen step and the wall time. The
+Seeded data and initialization, one thread: meant to be deterministic (the
+earlier 2-digit build gave bit-identical weights twice; this build was not yet
+rebuilt to compare). ``warmup.json`` records the curve, the chosen step and the wall time. The
 shipped model: held-out greedy accuracy (500 problems) 0.24 / 0.22 / 0.30 /
 0.38 / 0.32 / 0.40 / **0.45** / 0.48 / 0.54 / 0.61 at steps 500-1400, so step 1100
 was kept: greedy 0.448, sampled 0.34, planted slice greedy 0.09 (the slice only
