@@ -189,6 +189,47 @@ def test_ctrl_c_evaluates_prints_resume_command_and_resume_appends(tmp_path, cap
     assert "held-out after (step 2): greedy_correct=" in out and "continue with" not in out
 
 
+def test_resume_continues_with_the_runs_saved_settings(tmp_path, capsys, monkeypatch):
+    """The reported case: a plain ``--resume`` ran as grpo, seed 0, lr 1e-4, 1000 eval problems."""
+    import yaml
+
+    run = str(tmp_path / "run")
+    first = ["train", "--algo", "seed-grpo", "--seed", "1", "--output-dir", run, "--max-steps", "1",
+             "--learning_rate=5e-5", "--dataset=arithmetic", "--overwrite", *SMALL, "--plot=false"]
+    assert main(first) == 0
+    saved = open(os.path.join(run, "config.yaml")).read()
+    capsys.readouterr()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was loaded before the resumed settings were checked")
+
+    with monkeypatch.context() as m:  # a change of what defines the experiment: one line, nothing loaded
+        m.setattr(grpo_trainer, "load_model", forbidden)
+        for flag, value, key in (("--seed", "0", "seed"), ("--algo", "grpo", "algo"),
+                                 ("--num_eval_prompts=20", None, "num_eval_prompts")):
+            extra = [flag] if value is None else [flag, value]
+            err = one_line_error(capsys, ["train", "--output-dir", run, "--resume", *extra])
+            assert f"--resume cannot change {key}" in err and "--output-dir" in err, err
+    assert open(os.path.join(run, "config.yaml")).read() == saved
+
+    # extending the run (and, with a warning, another learning rate): everything else as saved
+    assert main(["train", "--output-dir", run, "--resume", "--max-steps", "2", "--learning_rate=1e-4"]) == 0
+    err = capsys.readouterr().err
+    assert "resume: max_steps 1 -> 2\n" in err and "resume: learning_rate 5e-05 -> 0.0001 (this changes" in err
+    config = yaml.safe_load(open(os.path.join(run, "config.yaml")))
+    assert (config["algo"], config["seed"], config["dataset"], config["num_eval_prompts"]) == (
+        "seed-grpo", 1, "arithmetic", 4)
+    assert (config["max_steps"], config["learning_rate"], config["resume"]) == (2, 1e-4, False)
+    (resumed,) = json.load(open(os.path.join(run, "run.json")))["resumes"]
+    assert resumed["step"] == 1 and resumed["checkpoint"] == "checkpoint-000001"
+    assert resumed["changed"] == {"learning_rate": [5e-5, 1e-4], "max_steps": [1, 2]}  # the original kept
+    rows = read_metrics(os.path.join(run, "metrics.jsonl"))
+    assert [(r["step"], r["kind"]) for r in rows] == [(0, "eval"), (1, "train"), (1, "eval"), (1, "resume"),
+                                                      (2, "train"), (2, "eval")]
+    assert rows[3]["changed"] == resumed["changed"]
+    assert [s for s, _ in list_checkpoints(run)] == [2]
+
+
 def test_second_ctrl_c_skips_the_evaluation_at_the_stop_and_says_so(tmp_path, capsys, monkeypatch):
     run = str(tmp_path / "run")
     original_step, original_evaluate = Trainer.train_step, Trainer.evaluate

@@ -5,7 +5,9 @@ and ``entropy-ops generate`` (sampling, with ``--em-inf``, ``generate.py``).
 
 Precedence: the dataclass defaults, then the YAML file, then ``--key=value``
 overrides (any ``TrainConfig`` field; ``--loss.eps_high=0.28`` sets one entry of
-a mapping), then the named flags. With no arguments, ``entropy-ops train`` runs
+a mapping), then the named flags. With ``--resume`` the run folder's saved
+``config.yaml`` takes the place of the defaults, so only what the command line
+sets changes (``run_folder.RESUME_REFUSED`` lists what it may not change). With no arguments, ``entropy-ops train`` runs
 GRPO on the embedded tiny model and arithmetic task.
 
 Before any model loads, the run folder and the models are checked
@@ -68,12 +70,39 @@ def split_overrides(extra: list[str]) -> list[str]:
     return out
 
 
-def resolve_config(args: argparse.Namespace, extra: list[str]) -> TrainConfig:
-    config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
-    config.apply_overrides(split_overrides(extra))
+def _apply_command_line(config: TrainConfig, args: argparse.Namespace, overrides: list[str],
+                        file_values: dict) -> TrainConfig:
+    for key, value in file_values.items():
+        config.set(key, value)
+    config.apply_overrides(overrides)
     for key in ("algo", "model", "output_dir", "max_steps", "seed"):
         if getattr(args, key) is not None:
             config.set(key, getattr(args, key))
+    return config
+
+
+def resolve_config(args: argparse.Namespace, extra: list[str]) -> TrainConfig:
+    """The config of ``args``; with ``--resume``, the run folder's saved config.yaml plus what the command line sets."""
+    overrides = split_overrides(extra)
+    file_values = {}
+    if args.config:
+        import yaml
+
+        TrainConfig.from_yaml(args.config)  # errors name the file
+        with open(args.config, encoding="utf-8") as f:
+            file_values = yaml.safe_load(f) or {}
+    config = _apply_command_line(TrainConfig(), args, overrides, file_values)
+    if args.resume and config.output_dir is not None:
+        from .run_folder import CONFIG_FILE, read_saved_config
+
+        saved = read_saved_config(config.output_dir)
+        if saved is not None:  # continue the run as it was set up; the run-folder checks judge the changes
+            try:
+                base = TrainConfig.from_dict(saved)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"{config.output_dir}/{CONFIG_FILE}: {e}") from None
+            base.resume = base.overwrite = False  # this command's flags, not the first one's
+            config = _apply_command_line(base, args, overrides, file_values)
     if args.resume:
         config.resume = True
     if args.overwrite:

@@ -56,8 +56,8 @@ from .model import (choose_attn_implementation, choose_device, choose_dtype, com
 from .preflight import check_model_available
 from .rewards import MathCorrectness, build_rewards
 from .rollout import Rollout, make_engine, sequence_inputs
-from .run_folder import (check_run_folder, default_output_dir, move_run_aside, new_run_id, read_run_id,
-                         write_run_file)
+from .run_folder import (RESUME_FREE, check_run_folder, default_output_dir, move_run_aside, new_run_id, read_run_id,
+                         record_resume, resume_changes, write_run_file)
 from .tasks import TASKS, PromptSampler, load_jsonl, task_rows
 
 IGNORE = -100
@@ -105,6 +105,8 @@ def check_before_loading(config: TrainConfig) -> str:
     """
     output_dir = config.output_dir or default_output_dir(config.algo)
     check_run_folder(output_dir, resume=config.resume, overwrite=config.overwrite)
+    if config.resume:
+        resume_changes(output_dir, config)  # refuses a change of algo, model, dataset, seed, ...
     check_model_available("model", config.model)
     if config.ref_model is not None:
         check_model_available("ref_model", config.ref_model)
@@ -202,9 +204,17 @@ class Trainer:
             write_run_file(self.output_dir, run_id, algo=cfg.algo, seed=cfg.seed, model=cfg.model,
                            resumed_from=resume_from)
         self.logger = MetricsLogger(log_path, append=True)  # never truncated
+        values = cfg.to_dict()
         if resume_from is not None:  # rows logged after the checkpoint are superseded, not deleted
-            self.logger.log(self.step, "resume", {"checkpoint": os.path.basename(resume_from), "run_id": run_id})
-        _write_yaml(os.path.join(self.output_dir, "config.yaml"), cfg.to_dict())
+            changes = resume_changes(self.output_dir, cfg)  # the saved settings, before config.yaml is rewritten
+            for key, (old, new) in changes.items():
+                note = "" if key in RESUME_FREE else " (this changes the experiment; recorded in run.json)"
+                print(f"resume: {key} {old!r} -> {new!r}{note}", file=sys.stderr)
+            record_resume(self.output_dir, self.step, os.path.basename(resume_from), changes)
+            self.logger.log(self.step, "resume", {"checkpoint": os.path.basename(resume_from), "run_id": run_id,
+                                                  "changed": changes})
+            values.update(resume=False, overwrite=False)  # config.yaml: the run's settings, not this command's
+        _write_yaml(os.path.join(self.output_dir, "config.yaml"), values)
         return run_id
 
     # ------------------------------------------------------------------ scoring

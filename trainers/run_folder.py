@@ -10,7 +10,11 @@ the run id it was written by. The rules:
   files go into ``OUTPUT_DIR/previous-<date>-<time>/``; nothing is deleted);
 - a resumed run keeps the run id of the run it continues and appends to its
   ``metrics.jsonl`` (a ``{"kind": "resume"}`` row marks where it restarted);
-- checkpoint pruning only ever deletes checkpoints carrying the current run id.
+- checkpoint pruning only ever deletes checkpoints carrying the current run id;
+- a resumed run starts from the run's saved ``config.yaml``; the command line may change only
+  what does not make it another experiment (:data:`RESUME_REFUSED` is refused, naming the key).
+  Every change is recorded, old and new value, in ``run.json`` (``resumes``) and in the resume row
+  of ``metrics.jsonl``, before ``config.yaml`` is rewritten, so the original settings are kept.
 
 Every check here reads only; nothing is created until the model has loaded.
 """
@@ -24,7 +28,16 @@ import uuid
 
 RUN_FILE = "run.json"
 RUN_FILES = (RUN_FILE, "config.yaml", "metrics.jsonl", "metrics.png", "summary.json")
+CONFIG_FILE = "config.yaml"
 _CHECKPOINT = re.compile(r"^checkpoint-\d+$")
+# Keys a resumed run may not change: they define the experiment and its evaluation.
+RESUME_REFUSED = ("algo", "algo_options", "model", "ref_model", "dataset", "eval_dataset", "arithmetic_digits",
+                  "num_eval_prompts", "eval_samples", "answer_format", "rewards", "seed")
+# Keys a resumed run changes freely: length, cadence, output and where/how it computes.
+RESUME_FREE = ("max_steps", "eval_every", "eval_at_start", "log_every", "save_every", "keep_checkpoints", "plot",
+               "output_dir", "resume", "overwrite", "device", "torch_threads", "backend", "attn_implementation",
+               "micro_batch_size", "rollout_engine", "rollout_engine_options", "parallelism", "fsdp_generation")
+# Any other key (learning_rate, loss, num_prompts, ...) may change with a warning; the change is recorded.
 
 
 class RunFolderError(ValueError):
@@ -77,6 +90,57 @@ def check_run_folder(output_dir: str, *, resume: bool, overwrite: bool) -> None:
         raise RunFolderError(
             f"output_dir {output_dir!r} holds a run ({shown}) but no checkpoint to resume from: start afresh "
             "with --overwrite (moves the old run aside) or in a new --output-dir")
+
+
+def read_saved_config(output_dir: str) -> dict | None:
+    """The mapping in ``output_dir/config.yaml`` as the run saved it (None when the folder has none)."""
+    import yaml
+
+    path = os.path.join(output_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise RunFolderError(f"{path} is not a mapping of config fields")
+    return values
+
+
+def resume_changes(output_dir: str, config) -> dict[str, list]:
+    """``{key: [saved, now]}`` for each setting ``config`` changes against the run's saved ``config.yaml``.
+
+    Only keys the file holds are compared; ``resume``, ``overwrite`` and ``output_dir`` are not.
+    Raises :class:`RunFolderError` naming the first key of :data:`RESUME_REFUSED` that changed.
+    """
+    saved_values = read_saved_config(output_dir)
+    if saved_values is None:
+        return {}
+    try:
+        saved = type(config).from_dict(saved_values).to_dict()
+    except (ValueError, TypeError) as e:
+        raise RunFolderError(f"{os.path.join(output_dir, CONFIG_FILE)}: {e}") from None
+    now = config.to_dict()
+    changes = {key: [saved[key], now[key]] for key in saved_values
+               if key in now and key not in ("resume", "overwrite", "output_dir") and saved[key] != now[key]}
+    for key in RESUME_REFUSED:
+        if key in changes:
+            raise RunFolderError(
+                f"--resume cannot change {key} (the run in {output_dir!r} has {key}={changes[key][0]!r}, "
+                f"given {changes[key][1]!r}): drop it, or start a new run in a new --output-dir")
+    return changes
+
+
+def record_resume(output_dir: str, step: int, checkpoint: str, changes: dict[str, list]) -> None:
+    """Append ``{started, step, checkpoint, changed}`` to the ``resumes`` list of ``output_dir/run.json``."""
+    path = os.path.join(output_dir, RUN_FILE)
+    info = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    info.setdefault("resumes", []).append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step,
+                                           "checkpoint": checkpoint, "changed": changes})
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
 
 
 def move_run_aside(output_dir: str) -> str | None:
