@@ -31,7 +31,7 @@ from entropy_ops.trainers.algorithms import ALGORITHMS
 from entropy_ops.trainers.checkpoint import INFO_FILE, STATE_FILE, list_checkpoints, save_checkpoint
 from entropy_ops.trainers.cli import build_parser, main, resume_command
 from entropy_ops.trainers.grpo_trainer import Trainer
-from entropy_ops.trainers.logging_utils import format_line, read_metrics
+from entropy_ops.trainers.logging_utils import EVAL_KEYS, format_eval, format_line, read_metrics
 
 SMALL = ["--num_prompts=2", "--group_size=2", "--max_new_tokens=4", "--num_eval_prompts=4", "--eval_samples=1",
          "--eval_every=0", "--device=cpu", "--log_every=1", "--save_every=1", "--keep_checkpoints=1"]
@@ -155,7 +155,7 @@ def test_ctrl_c_evaluates_prints_resume_command_and_resume_appends(tmp_path, cap
     monkeypatch.setattr(Trainer, "train_step", original_step)
     out = capsys.readouterr()
     assert "\r" not in out.out + out.err  # not a terminal: no progress-bar redraws
-    assert "held-out after (step 1): greedy_correct=" in out.out  # evaluated at the stop, not step 0 again
+    assert "held-out after (step 1): greedy_acc=" in out.out  # evaluated at the stop, not step 0 again
     (command,) = [line.split("continue with: ", 1)[1] for line in out.out.splitlines() if "continue with: " in line]
     resume_argv = shlex.split(command)
     assert resume_argv[0] == "entropy-ops" and resume_argv[-3:] == ["--output-dir", run, "--resume"]
@@ -186,7 +186,7 @@ def test_ctrl_c_evaluates_prints_resume_command_and_resume_appends(tmp_path, cap
     assert len(read_metrics(log, raw=True)) == len(rows) + 1
     (ckpt,) = [p for _, p in list_checkpoints(run)]
     assert json.load(open(os.path.join(ckpt, INFO_FILE))) == {"step": 2, "run_id": run_id}
-    assert "held-out after (step 2): greedy_correct=" in out and "continue with" not in out
+    assert "held-out after (step 2): greedy_acc=" in out and "continue with" not in out
 
 
 def test_resume_continues_with_the_runs_saved_settings(tmp_path, capsys, monkeypatch):
@@ -214,7 +214,9 @@ def test_resume_continues_with_the_runs_saved_settings(tmp_path, capsys, monkeyp
 
     # extending the run (and, with a warning, another learning rate): everything else as saved
     assert main(["train", "--output-dir", run, "--resume", "--max-steps", "2", "--learning_rate=1e-4"]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == f"training seed-grpo on tiny-arith, task arithmetic, 2 steps (seed 1, lr 0.0001) -> {run}"
+    assert "held-out after (step 2): greedy_acc=" in out  # the labels of the held-out lines
     assert "resume: max_steps 1 -> 2\n" in err and "resume: learning_rate 5e-05 -> 0.0001 (this changes" in err
     config = yaml.safe_load(open(os.path.join(run, "config.yaml")))
     assert (config["algo"], config["seed"], config["dataset"], config["num_eval_prompts"]) == (
@@ -305,6 +307,11 @@ def test_console_line_shows_what_a_user_can_read():
     for part in ("reward=0.5", "acc=0.25", "entropy=0.31", "clip_low=0", "clip_high=0.125"):
         assert part in line
     assert "1e-09" not in line and "loss=" not in line
+    # held-out figures use the same labels at every step and at the end, per slice too
+    ev = {"step": 40, "kind": "eval", "eval/greedy_correct": 0.5, "eval/sampled_correct": 0.25,
+          "eval/greedy_correct/carry78": 0.75, "eval/greedy_planted/carry78": 0.125, "eval/entropy": 0.2}
+    assert format_eval(ev) == "greedy_acc=0.5  sampled_acc=0.25  greedy_acc/carry78=0.75"
+    assert format_line(40, ev, EVAL_KEYS) == "step 40  greedy_acc=0.5  sampled_acc=0.25  entropy=0.2"
 
 
 def test_algo_help_lists_every_registered_algorithm():

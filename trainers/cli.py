@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from .distributed import shutdown
+    from .logging_utils import format_eval
     from .grpo_trainer import Trainer
 
     hf_logging.disable_progress_bar()  # weight-loading bars would interleave with the training bar
@@ -188,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"held-out {label}: not evaluated at step {summary['steps']} (the last evaluation ran at "
                   f"step {ev['step']})")
         elif ev:
-            shown = "  ".join(f"{k.removeprefix('eval/')}={v:.4g}" for k, v in ev.items()
-                              if k.startswith("eval/") and "correct" in k and isinstance(v, (int, float)))
-            print(f"held-out {label} (step {ev['step']}): {shown}")
+            print(f"held-out {label} (step {ev['step']}): {format_eval(ev)}")
     if "world_size" in summary and trainer.fsdp is not None:
         print(f"fully sharded (FSDP2): {summary['world_size']} processes, each holding 1/{summary['world_size']} "
               "of the parameters, gradients and optimizer state")

@@ -190,6 +190,9 @@ class Trainer:
     def _open_run_folder(self, resume_from: str | None) -> str:
         """Create (or continue) the run folder, its ``run.json`` and the metrics log. Returns the run id."""
         cfg, log_path = self.config, os.path.join(self.output_dir, "metrics.jsonl")
+        task = cfg.dataset if cfg.dataset in TASKS else os.path.basename(cfg.dataset)
+        print(f"training {cfg.algo} on {cfg.model}, task {task}, {cfg.max_steps} steps (seed {cfg.seed}, "
+              f"lr {cfg.learning_rate:g}) -> {self.output_dir}")
         if cfg.overwrite:
             moved = move_run_aside(self.output_dir)
             if moved:

@@ -71,6 +71,23 @@ def format_line(step: int, metrics: dict, keys: dict = LINE_KEYS) -> str:
     return "  ".join(parts)
 
 
+def eval_label(key: str) -> str:
+    """The console label of an evaluation key: ``eval/greedy_correct/carry78`` -> ``greedy_acc/carry78``.
+
+    The same labels as the held-out lines (:data:`EVAL_KEYS`); a ``/<slice>`` suffix is kept.
+    """
+    for full, label in EVAL_KEYS.items():
+        if key == full or key.startswith(full + "/"):
+            return label + key[len(full):]
+    return key.removeprefix("eval/")
+
+
+def format_eval(metrics: dict) -> str:
+    """``greedy_acc=0.45  sampled_acc=0.36  greedy_acc/carry78=0.1 ...``: the held-out accuracies, overall and per slice."""
+    return "  ".join(f"{eval_label(k)}={v:.4g}" for k, v in metrics.items()
+                     if k.startswith("eval/") and "correct" in k and isinstance(v, (int, float)))
+
+
 def read_metrics(path: str, *, raw: bool = False) -> list[dict]:
     """The rows of a ``metrics.jsonl``; unless ``raw``, without those a later resume superseded."""
     with open(path, encoding="utf-8") as f:
