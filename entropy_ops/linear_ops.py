@@ -27,7 +27,6 @@ Module layout: launch functions (usable without autograd), the CPU functions, th
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import linear_triton, softmax_stats
 from ._dispatch import resolve_backend
@@ -35,6 +34,8 @@ from ._layout import as_rows3d
 from ._validation import (
     check_accumulator,
     check_finite_rows,
+    first_order_only,
+    linear_row_max_abs,
     check_lm_head,
     check_softcap,
     check_targets,
@@ -161,7 +162,13 @@ def _chunks(n: int, size: int):
 
 
 def linear_forward_torch(h2d, weight, bias, targets, params: LinearOpParams, *, block_elements=CPU_BLOCK_ELEMENTS):
-    """CPU forward: same outputs as :func:`linear_forward_triton` (fp64 for fp64 inputs); ``h2d`` ``[N, D]``."""
+    """CPU forward: same outputs as :func:`linear_forward_triton` (fp64 for fp64 inputs); ``h2d`` ``[N, D]``.
+    Its matmuls run in the compute dtype inside an autocast region too, as the kernels do."""
+    with torch.autocast(h2d.device.type, enabled=False):
+        return _linear_forward_torch(h2d, weight, bias, targets, params, block_elements)
+
+
+def _linear_forward_torch(h2d, weight, bias, targets, params: LinearOpParams, block_elements):
     n_rows, V = h2d.shape[0], weight.shape[0]
     cdtype = _compute_dtype(h2d.dtype)
     keep = targets != params.ignore_index
@@ -179,10 +186,11 @@ def linear_forward_torch(h2d, weight, bias, targets, params: LinearOpParams, *, 
             m[n0:n1], S[n0:n1], T[n0:n1] = softmax_stats.merge_stats(m[n0:n1], S[n0:n1], T[n0:n1], *part)
     stats = softmax_stats.finalize_stats(m, S, T)
     bad = keep & ((targets < 0) | (targets >= V))  # the kernels' guard: NaN, never a silent number
+    bad_h = bad | (keep & (S == 0))  # no finite logit: NaN entropy (not the empty row's 0), as the logits op
     m_out = stats.m.masked_fill(bad, float("nan"))
     logp = stats.logprob(s_y).masked_fill_(bad, float("nan")).masked_fill_(~keep, 0.0)
-    H = stats.H.masked_fill(bad, float("nan")).masked_fill_(~keep, 0.0)
-    return logp, H, torch.stack((m_out, stats.log_S, stats.H.masked_fill(bad, float("nan"))))
+    H = stats.H.masked_fill(bad_h, float("nan")).masked_fill_(~keep, 0.0)
+    return logp, H, torch.stack((m_out, stats.log_S, stats.H.masked_fill(bad_h, float("nan"))))
 
 
 def linear_backward_torch(h2d, weight, bias, targets, stats, g_logp, g_H, params: LinearOpParams, needs,
@@ -194,7 +202,15 @@ def linear_backward_torch(h2d, weight, bias, targets, stats, g_logp, g_H, params
     ``db_out``: the caller's buffers in the compute dtype (any strides), into which this call's
     gradient is *added* (blocks ``addmm_`` straight into them, no ``[N, D]`` / ``[V, D]`` / ``[V]``
     buffer of its own); they are returned in place of the fresh ones (``dW`` then in the compute dtype).
+    Not autocast (as :func:`linear_forward_torch`).
     """
+    with torch.autocast(h2d.device.type, enabled=False):
+        return _linear_backward_torch(h2d, weight, bias, targets, stats, g_logp, g_H, params, needs, block_elements,
+                                      dh_out, dw_out, db_out)
+
+
+def _linear_backward_torch(h2d, weight, bias, targets, stats, g_logp, g_H, params: LinearOpParams, needs,
+                           block_elements, dh_out, dw_out, db_out):
     n_rows, D = h2d.shape
     V = weight.shape[0]
     cdtype = _compute_dtype(h2d.dtype)
@@ -275,8 +291,8 @@ def linear_backward(hidden, weight, bias, flat_targets, stats, g_logp, g_H, para
 class LinearLogprobsEntropy(torch.autograd.Function):
     """``(hidden [..., D], weight [V, D], bias [V] | None, targets [...]) -> (logp [...], H [...])``, fp32.
 
-    Differentiable once: the backward is itself not differentiable (``once_differentiable``: a second
-    derivative raises instead of silently being zero)."""
+    Differentiable once: the backward is itself not differentiable (``first_order_only``: a second
+    derivative raises instead of silently being zero, also when the upstream gradients carry no graph)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, params: LinearOpParams):
@@ -284,14 +300,17 @@ class LinearLogprobsEntropy(torch.autograd.Function):
         flat_targets = widen_targets(targets)
         logp, H, stats = linear_forward(hidden, weight, bias, flat_targets, params)
         if params.check_values:
-            check_finite_rows(stats[0] + stats[1], flat_targets != params.ignore_index, "logits (hidden @ weight.T)")
+            check_finite_rows(stats[0] + stats[1], flat_targets != params.ignore_index, "logits (hidden @ weight.T)",
+                              temperature=params.temperature,
+                              row_max_abs=lambda i: linear_row_max_abs(hidden.reshape(-1, hidden.shape[-1])[i], weight,
+                                                                       bias, params.logit_softcap))
         ctx.save_for_backward(hidden, weight, bias, flat_targets, stats)
         ctx.params = params
         lead = hidden.shape[:-1]
         return logp.view(lead), H.view(lead)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("linear_logprobs_and_entropy")
     def backward(ctx, grad_logp, grad_H):
         hidden, weight, bias, flat_targets, stats = ctx.saved_tensors
         params: LinearOpParams = ctx.params

@@ -35,11 +35,10 @@ logits, blocks of ``CPU_BLOCK_ELEMENTS``) with the op's memory per chunk.
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import linear_triton
 from ._layout import as_rows3d
-from ._validation import check_finite_rows
+from ._validation import check_finite_rows, first_order_only, linear_row_max_abs
 from .linear_ops import LinearOpParams, linear_backward_torch, linear_forward_torch
 from .policy_checks import one_pass_eligible
 from .token_chunking import token_chunks
@@ -112,7 +111,12 @@ class OnePassLinearGradients(torch.autograd.Function):
                     linear_backward_torch(h_c, weight, bias, t_c, st, g_lp, g_h, op, needs,
                                           dh_out=None if dh is None else dh[r0:r1], dw_out=dw, db_out=db)
         if op.check_values:
-            check_finite_rows(stats[0] + stats[1], flat_targets != op.ignore_index, "logits (hidden @ weight.T)")
+            check_finite_rows(stats[0] + stats[1], flat_targets != op.ignore_index, "logits (hidden @ weight.T)",
+                              temperature=op.temperature,
+                              row_max_abs=lambda i: linear_row_max_abs(hidden.reshape(-1, hidden.shape[-1])[i], weight,
+                                                                       bias, op.logit_softcap))
+        # Saved only as the anchors of first_order_only's refusing node (no copy: the inputs themselves).
+        ctx.save_for_backward(hidden, weight, bias)
         ctx.grads = (None if dh is None else dh.view(hidden.shape),
                      None if dw is None else dw, None if db is None else db)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -120,7 +124,7 @@ class OnePassLinearGradients(torch.autograd.Function):
         return torch.zeros((), dtype=torch.float32, device=dev), logp, H
 
     @staticmethod
-    @once_differentiable
+    @first_order_only("policy_loss (one pass)")
     def backward(ctx, grad_anchor, _grad_logp, _grad_H):
         out = []
         for g, dtype in zip(ctx.grads, ctx.dtypes):

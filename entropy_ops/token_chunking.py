@@ -26,7 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ._layout import as_rows3d
-from ._validation import check_finite_rows, widen_targets
+from ._validation import check_finite_rows, first_order_only, linear_row_max_abs, widen_targets
 from .linear_ops import (
     LinearOpParams,
     linear_backward,
@@ -187,13 +187,17 @@ class ChunkedLinearLogprobsEntropy(torch.autograd.Function):
         for r0, r1, index in token_chunks(h3d, params.token_chunk_size):
             logp[r0:r1], H[r0:r1], stats[:, r0:r1] = _launch_forward(h3d[index], weight, bias, flat[r0:r1], op)
         if op.check_values:
-            check_finite_rows(stats[0] + stats[1], flat != op.ignore_index, "logits (hidden @ weight.T)")
+            check_finite_rows(stats[0] + stats[1], flat != op.ignore_index, "logits (hidden @ weight.T)",
+                              temperature=op.temperature,
+                              row_max_abs=lambda i: linear_row_max_abs(hidden.reshape(-1, hidden.shape[-1])[i], weight,
+                                                                       bias, op.logit_softcap))
         ctx.save_for_backward(hidden, weight, bias, flat, stats)
         ctx.params = params
         lead = hidden.shape[:-1]
         return logp.view(lead), H.view(lead)
 
     @staticmethod
+    @first_order_only("chunked_linear_logprobs_and_entropy")
     def backward(ctx, grad_logp, grad_H):
         hidden, weight, bias, flat, stats = ctx.saved_tensors
         params: ChunkedLinearParams = ctx.params

@@ -243,7 +243,7 @@ def _linear_stats_merge(
         log_S, H = finalize_stats(m, S, T)
         bad = keep & ((target < 0) | (target >= V))
         m = tl.where(bad, float("nan"), m)
-        H = tl.where(bad, float("nan"), H)
+        H = tl.where(bad | (keep & (S == 0.0)), float("nan"), H)  # no finite logit: NaN, not the empty row's 0
         s_y = tl.load(s_y_ptr + rows, mask=keep & ~bad, other=0.0)
         tl.store(logp_ptr + rows, tl.where(keep, target_logprob(s_y, m, log_S), 0.0), mask=in_rows)
         tl.store(entropy_ptr + rows, tl.where(keep, H, 0.0), mask=in_rows)

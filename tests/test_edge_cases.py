@@ -293,3 +293,77 @@ def test_launches_run_under_the_tensors_device(monkeypatch):
         pass
     assert seen == [torch.device("cuda", 1)]
     assert isinstance(token_ops._on_device(torch.empty(1)), token_ops.contextlib.nullcontext)
+
+
+# ---------------------------------------------------------------- the hidden-state forms: the same edges
+def _hidden_forms(backend):
+    """``name -> f(hidden, weight, targets, **kw) -> (logp, H)`` for every public hidden-state op."""
+    from entropy_ops.token_chunking import chunked_linear_logprobs_and_entropy
+
+    return {
+        "linear": lambda h, w, t, **kw: entropy_ops.linear_logprobs_and_entropy(h, w, t, backend=backend, **kw),
+        "chunked": lambda h, w, t, **kw: chunked_linear_logprobs_and_entropy(h, w, t, token_chunk_size=2,
+                                                                             backend=backend, **kw),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_state_ops_refuse_double_backward(backend):
+    g = torch.Generator().manual_seed(31)
+    weight = torch.randn(20, 8, generator=g)
+    targets = torch.tensor([1, 2, 3, 4])
+    for name, fn in _hidden_forms(backend).items():
+        h = torch.randn(4, 8, generator=g, requires_grad=True)
+        logp, H = fn(h, weight, targets)
+        (gh,) = torch.autograd.grad((logp + H).sum(), h, create_graph=True)
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            torch.autograd.grad((gh * h).sum(), h)  # h also enters directly: a graph exists, the op must refuse
+    h = torch.randn(2, 2, 8, generator=g, requires_grad=True)
+    for one_pass in (True, False):
+        loss, _ = entropy_ops.policy_loss(targets=torch.tensor([[1, 2], [3, 4]]), mask=torch.ones(2, 2, dtype=torch.bool),
+                                          advantages=torch.tensor([1.0, -1.0]), hidden=h, weight=weight,
+                                          old_logprobs=torch.full((2, 2), -3.0), backend=backend, one_pass=one_pass)
+        (gh,) = torch.autograd.grad(loss, h, create_graph=True)
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            torch.autograd.grad((gh * h).sum(), h)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_state_ops_name_a_temperature_overflow(backend):
+    hidden = torch.ones(4, 4)
+    weight = torch.randn(10, 4, generator=torch.Generator().manual_seed(32))
+    weight[2] = 1e37  # finite fp32 logits of 4e37; / 1e-3 overflows
+    targets = torch.tensor([1, 2, 3, 4])
+    for name, fn in _hidden_forms(backend).items():
+        with pytest.raises(ValueError, match="temperature=0.001 makes logits / temperature overflow"):
+            fn(hidden, weight, targets, temperature=1e-3)
+        fn(hidden, weight, targets, temperature=1.0)  # fine unscaled
+    with pytest.raises(ValueError, match="temperature=0.001 makes logits / temperature overflow"):
+        entropy_ops.policy_loss(targets=targets.view(2, 2), mask=torch.ones(2, 2, dtype=torch.bool),
+                                advantages=torch.ones(2), hidden=hidden.view(2, 2, 4),
+                                weight=weight.clone().requires_grad_(), backend=backend, one_pass=True,
+                                config=entropy_ops.PolicyLossConfig(temperature=1e-3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hidden_state_ops_without_value_checks_a_row_with_no_finite_logit_gives_nan(backend):
+    bias = torch.zeros(10)
+    hidden = torch.randn(3, 4, generator=torch.Generator().manual_seed(33))
+    weight = torch.randn(10, 4, generator=torch.Generator().manual_seed(34))
+    bias = torch.full((10,), float("-inf"))
+    for name, fn in _hidden_forms(backend).items():
+        logp, H = fn(hidden, weight, torch.tensor([1, 2, 3]), bias=bias, validate=False)
+        assert torch.isnan(logp).all() and torch.isnan(H).all(), (name, logp, H)  # H read 0 before
+
+
+def test_hidden_state_cpu_path_ignores_an_autocast_region():
+    # The kernels never autocast; the CPU path's matmuls must not either (bf16 logits under autocast).
+    g = torch.Generator().manual_seed(35)
+    hidden, weight = torch.randn(6, 64, generator=g), torch.randn(100, 64, generator=g) / 8
+    targets = torch.randint(0, 100, (6,), generator=g)
+    for name, fn in _hidden_forms("torch").items():
+        plain = fn(hidden, weight, targets)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = fn(hidden, weight, targets)
+        for a, b in zip(cast, plain):
+            assert_close(a, b, 1e-6, f"{name} inside autocast")
