@@ -1,9 +1,9 @@
-"""The GPUs the performance model knows: published peaks and the figures measured on lent machines.
+"""The GPUs the performance model knows: published peaks and the reference rates the model uses as roofs.
 
-Every number has its provenance next to it; docs/performance.md repeats the table. "Measured" figures
-are the ones ``../shared``-level project targets quote from earlier runs on lent machines (copy
-bandwidth, dense bf16 matmul); they are what a well-written kernel can reach, so the model uses them,
-not the datasheet peaks, as its roofs.
+Every number has its provenance next to it; docs/performance.md repeats the table. The copy bandwidth
+and dense bf16 matmul rate are reference figures for what a well-written kernel reaches on these GPUs
+(the project's targets quote them; not yet measured by this project), so the model uses them, not the
+datasheet peaks, as its roofs.
 """
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ MiB = 1024**2
 class GPU:
     name: str
     hbm_peak: float  # B/s, datasheet
-    copy_bw: float  # B/s, device-to-device copy (read + write counted) measured on lent machines
+    copy_bw: float  # B/s, device-to-device copy (read + write counted) reference figure (not yet measured here)
     l2_bytes: int  # product L2 size
     sms: int
     clock_hz: float  # max boost clock, datasheet (the issue bound is therefore optimistic)
     bf16_peak: float  # FLOP/s dense bf16 tensor core, datasheet
-    matmul_rate: float  # FLOP/s dense bf16 GEMM (cuBLAS) measured on lent machines
+    matmul_rate: float  # FLOP/s dense bf16 GEMM (cuBLAS), reference figure (not yet measured here)
     # Issue: 4 schedulers per SM, one warp instruction each per clock (Hopper/Ampere SM).
     warp_issue_per_clk: int = 4
     # MUFU (ex2, lg2, rcp): 16 results per clock per SM (CUDA C++ Programming Guide, arithmetic
@@ -42,12 +42,12 @@ class GPU:
 
 GPUS = {
     # H100 SXM5: 3.35 TB/s HBM3, 50 MB L2, 132 SMs, 1.98 GHz max boost, 989 TFLOP/s dense bf16
-    # (NVIDIA H100 datasheet and Hopper architecture whitepaper). Measured: copy ~3.0 TB/s,
-    # bf16 GEMM 770-800 TFLOP/s (project targets, lent machines); 785 is the midpoint.
+    # (NVIDIA H100 datasheet and Hopper architecture whitepaper). Reference rates: copy ~3.0 TB/s,
+    # bf16 GEMM 770-800 TFLOP/s (reference figure quoted by the project targets); 785 is the midpoint.
     "H100": GPU("H100 SXM", 3.35e12, 3.0e12, 50 * MiB, 132, 1.98e9, 989e12, 785e12),
     # H200 SXM: the same GH100 configuration (132 SMs, 50 MB L2: the full die's 60 MB is not
     # enabled in either product) with 141 GB HBM3e at 4.8 TB/s (NVIDIA H200 datasheet).
-    # Measured: copy ~4.3 TB/s, bf16 GEMM 770-800 TFLOP/s like the H100.
+    # Reference rates (not yet measured here): copy ~4.3 TB/s, bf16 GEMM 770-800 TFLOP/s like the H100.
     "H200": GPU("H200 SXM", 4.8e12, 4.3e12, 50 * MiB, 132, 1.98e9, 989e12, 785e12),
 }
 

@@ -59,7 +59,7 @@ class LinearConfig(NamedTuple):
     num_stages: int
 
 
-# Tiles (not tuned on a GPU: none has been lent yet; benchmarks/ will settle them). 16-bit: the
+# Tiles (not yet tuned on a GPU; benchmarks/ will settle them). 16-bit: the
 # Triton-matmul-tutorial Hopper shape cut to BLOCK_V 128 because the fp32 logits tile and its softmax
 # temporaries live in registers next to the accumulator: 128 x 128 x 64 at 8 warps is two m64n128k16
 # wgmma per warp group per k-step; the compile check (tests/test_kernel_compile.py, sm_90) shows no spills.
