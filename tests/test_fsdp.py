@@ -26,7 +26,6 @@ AdamW steps to 1% of the learning rate wherever the gradient is above the float3
 import contextlib
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -36,7 +35,7 @@ from entropy_ops.trainers.algorithms import RolloutBatch
 from entropy_ops.trainers.checkpoint import list_checkpoints, load_state
 from entropy_ops.trainers.config import TrainConfig
 from entropy_ops.trainers.grpo_trainer import Trainer
-from test_trainer_distributed import assert_adamw_close
+from test_trainer_distributed import _free_port, assert_adamw_close, restore_torch_threads  # noqa: F401 (autouse fixture)
 
 # Pinned explicitly (not the defaults, which change with the task): the embedded tiny model and the
 # arithmetic task, 4 prompts x 2 samples per step, short completions.
@@ -55,18 +54,6 @@ BF16 = {"fsdp_compute_dtype": "bfloat16"}
 # off (the second step starts from parameters that already differ, and is not compared).
 BF16_NORM_TOL, BF16_GRAD_TOL = 1e-2, 5e-2
 
-
-@pytest.fixture(autouse=True, scope="module")
-def restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(out, **kw) -> TrainConfig:
