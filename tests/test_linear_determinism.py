@@ -18,6 +18,19 @@ def run(hidden, weight, bias, targets, **opts):
     return [logp.detach(), H.detach()] + [x.grad for x in leaves]
 
 
+
+def _assert_matches_oracle(got, hidden, weight, bias, targets, temperature=1.0):
+    """``got`` = (logp, H, d_hidden, d_weight, d_bias) of ``run`` against the float64 reference, 1e-5."""
+    refs = [x.double().requires_grad_(True) for x in (hidden, weight, bias)]
+    ref_logp, ref_H = reference(*refs, targets, temperature)
+    g = torch.Generator().manual_seed(5)  # the same upstream gradients as ``run`` draws
+    ((ref_logp * torch.randn(ref_logp.shape, generator=g).double()).sum()
+     + (ref_H * torch.randn(ref_H.shape, generator=g).double()).sum()).backward()
+    assert_close(got[0], ref_logp, 1e-5, "logp")
+    assert_close(got[1], ref_H, 1e-5, "entropy")
+    for name, value, ref in zip(("d_hidden", "d_weight", "d_bias"), got[2:], refs):
+        assert_close(*_grad_view(name, value, ref.grad), 1e-5, name, rowwise=True)
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gradients_bitwise_equal_across_runs(dtype):
     """Two runs of forward + backward (several vocab chunks, soft-cap, bias) give identical bits."""
@@ -35,15 +48,7 @@ def test_chunks_and_matmuls_match_oracle(chunk, matmul):
     implementations against the float64 oracle."""
     hidden, weight, bias, targets = make_inputs(70, 48, 700, torch.float32, seed=11)
     got = run(hidden, weight, bias, targets, backend="triton", temperature=1.2, vocab_chunk=chunk, matmul=matmul)
-    refs = [x.double().requires_grad_(True) for x in (hidden, weight, bias)]
-    ref_logp, ref_H = reference(*refs, targets, 1.2)
-    g = torch.Generator().manual_seed(5)
-    ((ref_logp * torch.randn(ref_logp.shape, generator=g).double()).sum()
-     + (ref_H * torch.randn(ref_H.shape, generator=g).double()).sum()).backward()
-    assert_close(got[0], ref_logp, 1e-5, "logp")
-    assert_close(got[1], ref_H, 1e-5, "entropy")
-    for name, value, ref in zip(("d_hidden", "d_weight", "d_bias"), got[2:], refs):
-        assert_close(*_grad_view(name, value, ref.grad), 1e-5, name, rowwise=True)
+    _assert_matches_oracle(got, hidden, weight, bias, targets, 1.2)
 
 
 def _peaked_fp16_problem(n=2048, d=16, v=64):
@@ -191,15 +196,7 @@ def test_grouped_order_with_a_ragged_last_group(monkeypatch):
     monkeypatch.setattr(k, "launch_config", lambda element_size, allow_tf32=False: (cfg, cfg))
     hidden, weight, bias, targets = make_inputs(300, 32, 200, torch.float32, seed=31)
     got = run(hidden, weight, bias, targets, backend="triton", vocab_chunk=256)
-    refs = [x.double().requires_grad_(True) for x in (hidden, weight, bias)]
-    ref_logp, ref_H = reference(*refs, targets)
-    g = torch.Generator().manual_seed(5)
-    ((ref_logp * torch.randn(ref_logp.shape, generator=g).double()).sum()
-     + (ref_H * torch.randn(ref_H.shape, generator=g).double()).sum()).backward()
-    assert_close(got[0], ref_logp, 1e-5, "logp")
-    assert_close(got[1], ref_H, 1e-5, "entropy")
-    for name, value, ref in zip(("d_hidden", "d_weight", "d_bias"), got[2:], refs):
-        assert_close(*_grad_view(name, value, ref.grad), 1e-5, name, rowwise=True)
+    _assert_matches_oracle(got, hidden, weight, bias, targets)
 
 
 @pytest.mark.parametrize("accumulate", [False, True])
