@@ -111,6 +111,8 @@ def linear_backward_triton(h3d, weight, bias, targets, stats, g_logp, g_H, param
     ``dh_out`` / ``dw_out`` / ``db_out`` (fp32, contiguous, of those shapes, on the inputs' device) are the
     caller's accumulators instead: this call's gradient is *added* to what they hold (no new ``[N, D]`` /
     ``[V, D]`` / ``[V]`` buffer) and they are returned. One given for a gradient not in ``needs`` is left alone.
+    ``dw_out`` may also have the weight's own dtype: the call's ``dW`` (fp32 accumulation inside each
+    matmul) is then rounded into it once.
     """
     A, B, D = h3d.shape
     n_rows, V = A * B, weight.shape[0]
@@ -118,7 +120,8 @@ def linear_backward_triton(h3d, weight, bias, targets, stats, g_logp, g_H, param
     for name, out, need, shape in (("dh_out", dh_out, needs[0], (n_rows, D)), ("dw_out", dw_out, needs[1], (V, D)),
                                    ("db_out", db_out, needs[2], (V,))):
         if out is not None and need:
-            check_accumulator(name, out, shape, torch.float32, dev, contiguous=True)
+            dtype = weight.dtype if name == "dw_out" and out.dtype == weight.dtype else torch.float32
+            check_accumulator(name, out, shape, dtype, dev, contiguous=True)
     return linear_triton.backward_chunks(
         h3d, weight, bias, targets, stats, g_logp, g_H, params, needs, config=config,
         vocab_chunk=params.vocab_chunk, matmul=params.matmul,
@@ -202,6 +205,7 @@ def linear_backward_torch(h2d, weight, bias, targets, stats, g_logp, g_H, params
     ``db_out``: the caller's buffers in the compute dtype (any strides), into which this call's
     gradient is *added* (blocks ``addmm_`` straight into them, no ``[N, D]`` / ``[V, D]`` / ``[V]``
     buffer of its own); they are returned in place of the fresh ones (``dW`` then in the compute dtype).
+    ``dw_out`` in the weight's own dtype: each vocab block's fp32 ``dW`` is rounded into it once.
     Not autocast (as :func:`linear_forward_torch`).
     """
     with torch.autocast(h2d.device.type, enabled=False):
@@ -224,6 +228,9 @@ def _linear_backward_torch(h2d, weight, bias, targets, stats, g_logp, g_H, param
     dh = _accumulator("dh_out", dh_out, need_h, (n_rows, D), cdtype, h2d.device, contiguous=False)
     if need_w and dw_out is None:
         dw = torch.zeros(V, D, dtype=weight.dtype)
+    elif need_w and dw_out.dtype == weight.dtype != cdtype:  # accumulate in the weight's own dtype
+        check_accumulator("dw_out", dw_out, (V, D), weight.dtype, h2d.device, contiguous=False)
+        dw = dw_out
     else:
         dw = _accumulator("dw_out", dw_out, need_w, (V, D), cdtype, h2d.device, contiguous=False)
     db = _accumulator("db_out", db_out, need_b, (V,), cdtype, h2d.device, contiguous=False)
@@ -252,7 +259,10 @@ def _linear_backward_torch(h2d, weight, bias, targets, stats, g_logp, g_H, param
             if need_b:
                 db[v0:v1] += dz.sum(dim=0)
         if need_w and dw_acc.data_ptr() != dw[v0:v1].data_ptr():
-            dw[v0:v1].copy_(dw_acc)
+            if dw_out is not None:  # the caller's weight-dtype accumulator: one rounding per call
+                dw[v0:v1] += dw_acc
+            else:
+                dw[v0:v1].copy_(dw_acc)
     return dh, dw, db
 
 
@@ -277,8 +287,9 @@ def linear_backward(hidden, weight, bias, flat_targets, stats, g_logp, g_H, para
     weight's dtype.
 
     ``dh_out`` ``[N, D]``, ``dw_out`` ``[V, D]``, ``db_out`` ``[V]``: optional caller buffers in the
-    accumulation dtype (fp32; fp64 for fp64 inputs on the torch path), contiguous on the Triton path;
-    this call's gradient is added into them and they are returned (see the two launch functions).
+    accumulation dtype (fp32; fp64 for fp64 inputs on the torch path; ``dw_out`` also in the weight's
+    dtype), contiguous on the Triton path; this call's gradient is added into them and they are returned
+    (see the two launch functions).
     """
     outs = dict(dh_out=dh_out, dw_out=dw_out, db_out=db_out)
     if params.backend == "triton":

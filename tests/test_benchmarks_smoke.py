@@ -180,6 +180,29 @@ def test_perf_model_and_report_commands():
     assert "modeled (no GPU run)" in text and "50.22" in text and ">= 90% of the copy floor" in text
 
 
+def test_memory_model_rows_come_from_the_library_formulas():
+    """The memory model's own rows are the library's formulas; the peers' rows follow their designs'
+    allocations, and the issue-14 shapes are at least 50x below the naive form."""
+    import torch
+
+    from benchmarks.perf_memory import EXTRA_PRESETS, designs
+    from entropy_ops.linear_triton import backward_peak_bytes
+
+    for shape in EXTRA_PRESETS["issue14"]:
+        n, v, d = shape.n_tokens, shape.vocab, shape.hidden
+        rows = {r["design"]: r for r in designs(shape, torch.bfloat16)}
+        ours = rows["entropy-ops (two-pass)"]["extra_bytes"]
+        assert ours == backward_peak_bytes(n, d, v, torch.bfloat16)
+        assert rows["naive PyTorch (lower bound)"]["extra_bytes"] == 16 * n * v >= 50 * ours
+        assert rows['Cut Cross-Entropy impl="cce_exact"']["extra_bytes"] == 4 * n * d + 4 * v * d > ours
+        assert not rows['Cut Cross-Entropy impl="cce"']["deterministic"]
+        lean = rows["entropy-ops chunked, fp32_weight_grad=False, N/4 tokens a chunk"]
+        assert lean["extra_bytes"] == backward_peak_bytes(n // 4, d, v, torch.bfloat16) < ours
+        assert lean["dw_roundings"] == 4 < rows["Liger-Kernel FLCE"]["dw_roundings"]
+    text = _run("benchmarks.perf_memory", "--shapes", "issue14").stdout
+    assert "N=32768 V=152064 D=3584" in text and "Liger-Kernel FLCE" in text
+
+
 def test_report_puts_measured_beside_modeled():
     from benchmarks.report import measured_table, model_vs_measured
 

@@ -132,6 +132,54 @@ def test_chunked_linear_triton_interpreter_blocks_and_ignore_minus_one(dtype):
     assert bool((got[2][0][targets == -1] == 0).all()), "ignored rows must get a zero d hidden"
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunked_linear_weight_grad_in_weight_dtype(backend, dtype):
+    """``fp32_weight_grad=False``: each chunk's dW is rounded into the 16-bit gradient: within the 16-bit
+    tolerance of the float64 oracle, deterministic, and (Triton path) never an fp32 [V, D] buffer."""
+    B, T, D, V, chunk = 2, 6, 16, 40, 4  # three chunks
+    hidden, weight, b, targets, g_logp, g_H = make_inputs(B, T, D, V, dtype, seed_of("w-dtype", backend, dtype))
+    opts = dict(temperature=0.9, logit_softcap=5.0, ignore_index=IGNORE, backend=backend)
+    needs = (True, True, True)
+
+    def chunked(h, w, bb):
+        return chunked_linear_logprobs_and_entropy(h, w, targets, bias=bb, token_chunk_size=chunk,
+                                                   fp32_weight_grad=False, **opts)
+
+    fp32_sized = []  # fp32 [V, D] buffers made by torch.zeros / torch.empty during forward + backward
+    real = {name: getattr(torch, name) for name in ("zeros", "empty")}
+
+    def watching(name):
+        def factory(*shape, dtype=None, **kw):
+            dims = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else shape
+            if dtype == torch.float32 and dims == (V, D):
+                fp32_sized.append((name, dims))
+            return real[name](*shape, dtype=dtype, **kw)
+        return factory
+
+    for name in real:
+        setattr(torch, name, watching(name))
+    try:
+        got = run(chunked, (hidden, weight, b), needs, g_logp, g_H)
+    finally:
+        for name, fn in real.items():
+            setattr(torch, name, fn)
+    if backend == "triton":  # (the CPU path's fp32 vocab blocks are bounded by CPU_BLOCK_ELEMENTS, here all of V)
+        assert not fp32_sized, f"an fp32 [V, D] accumulator was allocated: {fp32_sized}"
+    assert [x.dtype for x in got[2]] == [dtype] * 3
+    want = run(lambda h, w, bb: reference(h, w, bb, targets, 0.9, 5.0),
+               (hidden.double(), weight.double(), b.double()), needs, g_logp, g_H)
+    compare(got, want, dtype, "weight-dtype dW vs oracle")
+    again = run(chunked, (hidden, weight, b), needs, g_logp, g_H)
+    assert torch.equal(got[2][1], again[2][1]) and torch.equal(got[2][0], again[2][0])
+
+
+def test_chunked_linear_fp32_weight_grad_must_be_bool():
+    hidden, weight, _, targets, _, _ = make_inputs(1, 4, 8, 10, torch.float32, 0)
+    with pytest.raises(TypeError, match="fp32_weight_grad"):
+        chunked_linear_logprobs_and_entropy(hidden, weight, targets, token_chunk_size=2, fp32_weight_grad="no")
+
+
 def test_chunked_linear_fp64_torch_in_place_dh():
     """fp64 on the CPU path: dh, dW, db accumulate in fp64 (dh straight into the gradient), to 1e-10."""
     hidden, weight, b, targets, g_logp, g_H = make_inputs(3, 7, 12, 29, torch.float64, seed_of("fp64"))
