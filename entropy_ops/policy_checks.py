@@ -2,7 +2,7 @@
 path) and the resolution of its ``one_pass`` switch; every message names the argument."""
 import torch
 
-from ._validation import check_float_tensor
+from ._validation import check_float_tensor, widen_targets
 
 
 def one_pass_eligible(config) -> bool:
@@ -12,7 +12,8 @@ def one_pass_eligible(config) -> bool:
     return config.importance_sampling_level == "token" and config.top_entropy_quantile >= 1.0
 
 
-def check_policy_inputs(targets, mask, advantages, logits, hidden, weight, bias, old_logprobs, ref_logprobs, cfg):
+def check_policy_inputs(targets, mask, advantages, logits, hidden, weight, bias, old_logprobs, ref_logprobs, cfg,
+                        ignore_index: int = -100):
     """Shapes, dtypes and devices of the O(tokens) inputs, and exactly one input path. Returns bool mask."""
     if not isinstance(targets, torch.Tensor) or targets.dim() != 2:
         raise ValueError(f"targets must be a [B, T] integer tensor, got "
@@ -21,13 +22,19 @@ def check_policy_inputs(targets, mask, advantages, logits, hidden, weight, bias,
         raise TypeError(f"targets must have an integer dtype, got {targets.dtype}")
     if targets.numel() == 0:
         raise ValueError(f"targets must be a non-empty [B, T] tensor, got shape {tuple(targets.shape)}")
-    mask = check_token_inputs(targets.shape, targets.device, mask, advantages, old_logprobs, ref_logprobs, cfg)
+    mask = check_token_inputs(targets.shape, targets.device, mask, advantages, old_logprobs, ref_logprobs, cfg,
+                              targets=targets, ignore_index=ignore_index)
     check_input_path(targets.shape, logits, hidden, weight, bias)
     return mask
 
 
-def check_token_inputs(shape, device, mask, advantages, old_logprobs, ref_logprobs, cfg):
-    """The per-token tensors (mask, advantages, old / ref log-probs) against ``shape``; returns a bool mask."""
+def check_token_inputs(shape, device, mask, advantages, old_logprobs, ref_logprobs, cfg, *, targets=None,
+                       ignore_index=None):
+    """The per-token tensors (mask, advantages, old / ref log-probs) against ``shape``; returns a bool mask.
+
+    Value checks on the tokens the mask keeps, in one host sync: finite advantages, no NaN old / ref
+    log-probs, and (with ``targets``) no target equal to ``ignore_index`` (it would reach the fused op as
+    an ignored token: log-prob 0, no gradient)."""
     if not isinstance(mask, torch.Tensor) or mask.shape != shape:
         got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"mask must be a tensor of the targets' shape {tuple(shape)}, got {got}")
@@ -49,11 +56,24 @@ def check_token_inputs(shape, device, mask, advantages, old_logprobs, ref_logpro
                                  f"got {tuple(x.shape)} on {x.device}")
     if cfg.beta > 0 and ref_logprobs is None:
         raise ValueError(f"ref_logprobs is required when beta > 0 (beta={cfg.beta})")
-    # The one check that needs the advantages' values: a host sync, only on this tensor.
-    bad = ~torch.isfinite(advantages) & (mask if advantages.dim() == 2 else mask.any(-1))
-    if bool(bad.any()):
+    # The checks that read values, one host sync for all of them.
+    flags = [("advantages", ~torch.isfinite(advantages) & (mask if advantages.dim() == 2 else mask.any(-1)))]
+    for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if x is not None:
+            flags.append((name, torch.isnan(x) & mask))
+    if targets is not None:
+        flags.append(("targets", (widen_targets(targets).view(targets.shape) == ignore_index) & mask))
+    hits = torch.stack([bad.any() for _, bad in flags]).tolist()
+    for (name, bad), hit in zip(flags, hits):
+        if not hit:
+            continue
         idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"advantages must be finite on valid tokens; found {advantages[idx].item()} at index {idx}")
+        if name == "advantages":
+            raise ValueError(f"advantages must be finite on valid tokens; found {advantages[idx].item()} at index {idx}")
+        if name == "targets":
+            raise ValueError(f"targets must not equal ignore_index ({ignore_index}) on tokens the mask keeps; found "
+                             f"one at index {idx} (mask that token out, or pass another ignore_index)")
+        raise ValueError(f"{name} must not be NaN on valid tokens; found NaN at index {idx}")
     return mask
 
 

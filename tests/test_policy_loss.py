@@ -6,6 +6,7 @@ test). Tiny hand-derived cases pin each preset to the formula it claims.
 """
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -545,6 +546,27 @@ def bad_call(**changes):
 def test_bad_inputs_name_the_argument(changes, exc, pattern):
     with pytest.raises(exc, match=pattern):
         bad_call(**changes)
+
+
+@pytest.mark.parametrize("name", ["old_logprobs", "ref_logprobs", "targets"])
+def test_bad_values_on_kept_tokens_name_the_argument_and_index(name):
+    """A NaN old / ref log-prob, or a target equal to ignore_index, on a kept token is refused (the
+    latter would reach the fused op as an ignored token: log-prob 0, no gradient); on a masked token it
+    is fine."""
+    batch = make_batch(95)
+    kept = tuple(int(i) for i in batch["mask"].nonzero()[0])
+    dropped = tuple(int(i) for i in (~batch["mask"]).nonzero()[0])
+    args = {k: v for k, v in batch.items() if k != "config"}
+    for where, refused in ((dropped, False), (kept, True)):
+        x = args[name].clone() if args.get(name) is not None else torch.zeros(args["targets"].shape)
+        x[where] = -100 if name == "targets" else math.nan
+        call = dict(args, **{name: x})
+        if refused:
+            with pytest.raises(ValueError, match=rf"{name}.*index {re.escape(str(where))}"):
+                policy_loss(**call, config="grpo", backend="torch")
+        else:
+            loss, _ = policy_loss(**call, config="grpo", backend="torch")
+            assert torch.isfinite(loss)
 
 
 def test_nan_advantage_on_masked_token_is_fine():
