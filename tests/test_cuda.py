@@ -10,7 +10,7 @@ CUDA device every test skips with the reason. Written against the public API onl
 - a CUDA-graph capture of the logits op's forward + backward, replayed on new data;
 - the hidden-state op (``linear_logprobs_and_entropy``) at D=4096, V=152064 in every dtype, with
   bias, soft-cap and temperature, both gradient-matmul paths, and bitwise-equal gradients across two
-  runs (the op promises determinism);
+  runs (the op promises determinism); the token-chunked form with ``d weight`` rounded into bf16 per chunk;
 - ``policy_loss`` on both input paths and ``linear_cross_entropy``, against the same math in float64.
 """
 import inspect
@@ -211,6 +211,26 @@ def test_linear_op_gradients_are_deterministic(cuda, dtype):
         outs.append((logp, H, *torch.autograd.grad((logp - H).sum(), (h, w, b))))
     for name, a, b_ in zip(("logp", "entropy", "dh", "dW", "db"), *outs):
         assert torch.equal(a, b_), f"{name} differs between two identical runs"
+
+
+def test_chunked_linear_weight_grad_in_weight_dtype(cuda):
+    """The token-chunked hidden-state op with ``fp32_weight_grad=False`` (d weight rounded into bf16 once per
+    chunk, no fp32 [V, D]): within the bf16 tolerance of float64, bitwise equal across two runs."""
+    from entropy_ops.token_chunking import chunked_linear_logprobs_and_entropy
+
+    n, d, v, chunk = 1536, 2048, 131072, 512
+    runs = []
+    for _ in range(2):
+        h, w, _, t, g = _linear_inputs(n, d, v, torch.bfloat16, cuda, seed=10, bias=False)
+        logp, H = chunked_linear_logprobs_and_entropy(h, w, t, token_chunk_size=chunk, fp32_weight_grad=False)
+        runs.append((logp, H, *torch.autograd.grad((logp - 0.5 * H).sum(), (h, w))))
+    for name, a, b_ in zip(("logp", "entropy", "dh", "dW"), *runs):
+        assert torch.equal(a, b_), f"{name} differs between two identical runs"
+    h64, w64 = (x.detach().double().requires_grad_(True) for x in (h, w))
+    rl, rh = _linear_reference(h64, w64, None, t, 1.0, None)
+    rdh, rdw = torch.autograd.grad((rl - 0.5 * rh).sum(), (h64, w64))
+    assert_close(runs[0][2], rdh, 5 * LINEAR_REL[torch.bfloat16], "dh", rowwise=True)
+    assert_close(runs[0][3], rdw, 5 * LINEAR_REL[torch.bfloat16], "dW", rowwise=True)
 
 
 # --------------------------------------------------------------------------- losses on top of the ops
