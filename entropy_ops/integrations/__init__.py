@@ -10,6 +10,9 @@
   (``linear_cross_entropy`` with ``dist_process_group``, ``FusedLinearForPPO``,
   ``logprobs_from_logits``, ``entropy_from_logits``, ``forward_for_ppo``) and ``install()``.
   Needs only torch at import; verl is imported by ``install()``.
+- :mod:`entropy_ops.integrations.verl_loss` (re-exported by ``verl``): ``fused_policy_loss``, verl's vanilla
+  PPO actor loss and ``actor/*`` metrics from the response hidden states and ``lm_head.weight``, its
+  gradient formed in the forward (one pass). Needs only torch.
 - :mod:`entropy_ops.integrations.verl_plugin`: importing it calls ``verl.install()``; named in
   verl's ``actor_rollout_ref.model.external_lib`` it is the config switch.
 
