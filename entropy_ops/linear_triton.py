@@ -291,7 +291,10 @@ def backward_chunks(h3d, weight, bias, targets, stats, g_logp, g_H, params, need
         if need_w:
             if dw_tmp is not None:
                 matmul_into(dw_tmp[:w], dz_c.t(), h2d, accumulate=False, method=method)
-                dw[v0:v1] = dw_tmp[:w]
+                if dw_out is not None:  # the caller's weight-dtype accumulator: one rounding per call
+                    dw[v0:v1] += dw_tmp[:w]
+                else:
+                    dw[v0:v1] = dw_tmp[:w]
             else:
                 matmul_into(dw[v0:v1], dz_c.t(), h2d, accumulate=dw_out is not None, method=method,
                             allow_tf32=params.allow_tf32)
