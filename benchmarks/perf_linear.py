@@ -24,8 +24,7 @@ class LinearDesign:
     ``recompute``: ``"triton"`` (a fused tile kernel recomputes the logits and writes ``dz``) or
     ``"cublas"`` (GEMM into the workspace, then a ``dz`` pass). ``dW[chunk] = dz^T h`` and
     ``dh += dz W[chunk]`` always run in cuBLAS (fp32 ``dh`` read and written per chunk). The one-pass
-    loss keeps the whole ``[n, V]`` logits of a token chunk in a workspace: forward tiles store them,
-    one in-place ``dz`` pass, then ``dh = dz W`` and ``dW (+)= dz^T h``.
+    loss (:func:`one_pass_pieces`) is modeled as the library runs it, whatever the design.
     ``kind="atomic"``: the earlier fused Triton design with fp32 atomics for ``dh`` and ``dW``.
     Triton GEMM pieces run at the cuBLAS rate times :func:`triton_gemm_efficiency` of their static row.
     """
@@ -111,20 +110,62 @@ def linear_op(shape: Shape, dtype: str, gpu: GPU, rows: list[dict], design: Line
              gemm_piece("dh += dz W_c (cuBLAS)", mm, n * v * e + w + dh_acc, gpu),
              bandwidth_piece("dh fp32 -> input dtype", n * d * (4 + e), gpu)]
     bwd = recompute + grads
-    # One-pass: per token chunk of n_c = min(N, 4 D / e) rows, forward tiles store the logits in an
-    # [n_c, V] workspace, one in-place dz pass, dh = dz W (over all V), dW (+)= dz^T h_c.
-    n_c = min(n, max(128, 4 * d // e))
-    t_chunks = math.ceil(n / n_c)
-    w_per_chunk = reread_bytes(w, t_chunks, w, gpu)
-    dz_pass = bandwidth_piece("dz in place (read + write, Triton)", 2 * n * v * e, gpu)
-    _streaming_bounds(dz_pass, n * v, static_row(rows, LINEAR_MODULE, "onepass_grad", dtype), gpu)
-    one_pass = [gemm_piece("forward tiles storing logits (Triton)", mm, h + w_per_chunk + n * v * e + partials, gpu,
-                           triton_gemm_efficiency(fwd_row)[0]),
-                dz_pass,
-                gemm_piece("dh_c = dz W (cuBLAS)", mm, n * v * e + w_per_chunk + n * d * e, gpu),
-                gemm_piece("dW (+)= dz^T h_c (cuBLAS)", mm, n * v * e + h + (v * d * 8 if t_chunks > 1 else 0) * t_chunks,
-                           gpu)]
+    one_pass = one_pass_pieces(shape, dtype, gpu, rows)
     return {"fwd": fwd, "bwd": bwd, "fwd_bwd": fwd + bwd, "one_pass": one_pass}
+
+
+# The one-pass loss's small launches per token chunk, besides its four large pieces: the loss's per-token
+# gradient (57-73 elementwise launches, counted at dispatch level for the grpo and dapo + KL + entropy
+# presets) and the chunk's own (statistics merge, slices of logp / H / stats, the dW operand's copy and
+# mask, the bias-gradient sum): about 85, each assumed to cost SMALL_LAUNCH_S of GPU time (a tiny kernel
+# plus the gap to the next; not measured on a GPU).
+ONEPASS_SMALL_LAUNCHES = 85
+SMALL_LAUNCH_S = 3e-6
+
+
+def one_pass_pieces(shape: Shape, dtype: str, gpu: GPU, rows: list[dict],
+                    token_chunk: int | None = None) -> list[Piece]:
+    """Pieces of the one-pass loss (``entropy_ops.policy_onepass``) in token chunks of ``token_chunk`` rows
+    (``None``: the library's ``default_token_chunk``). Per chunk of ``r`` rows::
+
+        forward tiles storing the logits   2 r D V FLOP   h_c, all of W, the [r, V] workspace, tile partials
+        dz in place                        read + write the workspace (static row of the dz kernel)
+        dh_c = dz W          (cuBLAS)      2 r D V FLOP   workspace, all of W, dh_c
+        dW (+)= dz^T h_c     (cuBLAS)      2 r D V FLOP   workspace, h_c, dW written (first chunk) or read
+                                                          and written (later chunks: C read in the epilogue)
+        ONEPASS_SMALL_LAUNCHES small launches
+
+    Each GEMM piece is bounded by ``max(compute, its bytes / bandwidth)`` like the other pieces; chunks of the
+    same kind are one piece (their bounds scaled by their count, exact as they are identical).
+    """
+    from entropy_ops.policy_onepass import default_token_chunk
+
+    n, v, d, e = shape.n_tokens, shape.vocab, shape.hidden, DTYPE_BYTES[dtype]
+    w = v * d * e
+    n_c = default_token_chunk(n, v, 4 if dtype == "fp32" else 2) if token_chunk is None else min(n, token_chunk)
+    full, rest = divmod(n, n_c)
+    # (rows, count, first): the first chunk writes dW, the later ones read and write it
+    kinds = [(n_c, 1, True)] + ([(n_c, full - 1, False)] if full > 1 else []) + ([(rest, 1, False)] if rest else [])
+    fwd_eff = triton_gemm_efficiency(static_row(rows, LINEAR_MODULE, "fwd", dtype, tensor_core=True))[0]
+    dz_row = static_row(rows, LINEAR_MODULE, "onepass_grad", dtype)
+    pieces = []
+    for r, count, first in kinds:
+        mm = 2.0 * r * d * v
+        label = f" [{'first chunk' if first else f'{count} chunk' + ('s' if count > 1 else '')} of {r}]"
+        dz_pass = bandwidth_piece("dz in place (read + write, Triton)" + label, 2 * r * v * e, gpu)
+        _streaming_bounds(dz_pass, r * v, dz_row, gpu)
+        chunk = [gemm_piece("forward tiles storing logits (Triton)" + label, mm,
+                            r * d * e + w + r * v * e + 2 * 12.0 * r * v / 128, gpu, fwd_eff),
+                 dz_pass,
+                 gemm_piece("dh_c = dz W (cuBLAS)" + label, mm, r * v * e + w + r * d * e, gpu),
+                 gemm_piece("dW (+)= dz^T h_c (cuBLAS)" + label, mm, r * v * e + r * d * e + (w if first else 2 * w),
+                            gpu),
+                 Piece("small launches" + label, bounds={"launch": ONEPASS_SMALL_LAUNCHES * SMALL_LAUNCH_S})]
+        for p in chunk:
+            p.flops, p.hbm_bytes = p.flops * count, p.hbm_bytes * count
+            p.bounds = {k: b * count for k, b in p.bounds.items()}
+        pieces += chunk
+    return pieces
 
 
 def linear_floor(shape: Shape, mode: str, gpu: GPU) -> float:

@@ -309,11 +309,21 @@ def onepass_chunk(h3d, weight, bias, targets, params, needs, grad_fn, *, config=
                   dh_rows=None, dw_acc=None, dw_first=True, db_acc=None):
     """One token chunk of the one-pass loss: logits of all ``V`` columns once, statistics, the upstream
     gradients ``grad_fn(logp, H) -> (g_logp, g_H)`` (fp32 ``[n]``), ``dz`` in place, then
-    ``dh_rows = dz W`` (one matmul over the whole vocabulary, written once in ``dh_rows``' dtype) and
-    ``dw_acc (+)= dz^T h`` (``dw_first``: overwrite), ``db_acc += sum_rows dz``.
+    ``dh_rows = dz W`` (written once in ``dh_rows``' dtype), ``dw_acc (+)= dz^T h`` and
+    ``db_acc += sum_rows dz``.
 
-    Workspace: ``[n, V]`` in the gradient-matmul dtype (``s - m_tile``, then ``dz``). Returns
-    ``(logp, H, stats)`` of the chunk, fp32.
+    ``dw_acc`` is ``[V, D]`` in the weight's dtype: ``dw_first`` overwrites it, later chunks add into it
+    (cuBLAS ``addmm`` with ``beta = 1`` / the Triton matmul's ``ACCUMULATE``: fp32 accumulation inside
+    the matmul, ``C`` read in its epilogue, one rounding to the weight's dtype per chunk). fp16 weights
+    (bf16 operands, no fp16 ``dz``): both products walk the vocabulary in blocks of ``Vc`` rows
+    (the op's ``vocab_chunk``, default ``D / 2``): a bf16 copy of ``W[block]`` for ``dh``, accumulated
+    in an fp32 ``[n, D]`` buffer then rounded once to fp16; ``dz[:, block]^T h`` into an fp32
+    ``[Vc, D]`` block, then added into (first chunk: copied into) ``dw_acc[block]``, one rounding.
+
+    Buffers (freed on return): the workspace ``[n, V]`` in the gradient-matmul dtype (``s - m_tile``,
+    then ``dz``), the forward's tile statistics, the ``h`` operand of ``dW`` (``[n, D]``), with a bias
+    the per-token-block column sums, for fp16 the blocks above. Returns ``(logp, H, stats)`` of the
+    chunk, fp32.
     """
     from .kernels import linear_logprobs_entropy as k
 
@@ -337,15 +347,31 @@ def onepass_chunk(h3d, weight, bias, targets, params, needs, grad_fn, *, config=
     )
     if need_b:
         db_acc += db_part.sum(dim=0)
+    narrow = weight.dtype != gd  # fp16: bf16 operands through bounded fp32 blocks
+    # Vc = D / 2 rows by default (the op's 16-bit vocab chunk at large N): each block's matmul keeps
+    # Vc / 4 FLOP per byte of its fp32 read-modify-write
+    vc = vocab_chunk_size(n_rows, D, V, gd.itemsize, cfg.block_v, params.vocab_chunk or D // 2) if narrow else V
+    blocks = [(v0, min(V, v0 + vc)) for v0 in range(0, V, vc)]
     if need_h:
-        w_g = weight if weight.dtype == gd else weight.to(gd)
-        if dh_rows.dtype in (gd, torch.float32):
-            matmul_into(dh_rows, ws, w_g, accumulate=False, method=method, allow_tf32=params.allow_tf32)
-        else:  # fp16 hidden: bf16 operands, fp32 result, one rounding to fp16
-            dh_rows.copy_(matmul_into(torch.empty(n_rows, D, dtype=torch.float32, device=dev), ws, w_g,
-                                      accumulate=False, method=method))
+        if not narrow:  # one matmul over the whole vocabulary, one rounding to hidden's dtype
+            matmul_into(dh_rows, ws, weight, accumulate=False, method=method, allow_tf32=params.allow_tf32)
+        else:
+            dh32 = torch.empty(n_rows, D, dtype=torch.float32, device=dev)
+            w_blk = torch.empty(vc, D, dtype=gd, device=dev)
+            for v0, v1 in blocks:
+                w_c = w_blk[:v1 - v0].copy_(weight[v0:v1])
+                matmul_into(dh32, ws[:, v0:v1], w_c, accumulate=v0 > 0, method=method)
+            dh_rows.copy_(dh32)
     if need_w:
         h2d = rows2d(h3d, targets != params.ignore_index, gd)
-        matmul_into(dw_acc, ws.t(), h2d, accumulate=not dw_first, method=method,
-                    allow_tf32=params.allow_tf32)
+        if not narrow:
+            matmul_into(dw_acc, ws.t(), h2d, accumulate=not dw_first, method=method, allow_tf32=params.allow_tf32)
+        else:
+            dw_blk = torch.empty(vc, D, dtype=torch.float32, device=dev)
+            for v0, v1 in blocks:
+                prod = matmul_into(dw_blk[:v1 - v0], ws[:, v0:v1].t(), h2d, accumulate=False, method=method)
+                if dw_first:
+                    dw_acc[v0:v1].copy_(prod)
+                else:
+                    dw_acc[v0:v1].add_(prod)  # fp32 sum, one rounding to fp16
     return logp, H, stats

@@ -346,10 +346,15 @@ def policy_loss(*, targets, mask, advantages, logits=None, hidden=None, weight=N
             FLOPs instead of ``8 N D V``; ``entropy_ops.policy_onepass``). It needs every token's
             gradient to depend only on that token's ``logp``, ``H`` and constants: a token-level ratio
             (not GSPO's sequence ratio) and no entropy mask (``top_entropy_quantile = 1``); other
-            configurations fall back to two passes automatically. Values, metrics and gradients are
-            those of the two-pass form (up to fp32 summation order). Its memory: the module docstring
-            of ``policy_onepass`` (a ``[token_chunk, V]`` workspace).
-        token_chunk: one-pass tokens per chunk (``None``: ``min(N, 2 D)`` for 16-bit inputs).
+            configurations fall back to two passes automatically. Values and metrics are those of the
+            two-pass form (up to fp32 summation order), and so are the gradients, except that on the
+            Triton path with several token chunks ``d weight`` is rounded to the weight's dtype once
+            per chunk (the two-pass form rounds it once). Its memory: a ``[token_chunk, V]`` workspace and no
+            ``[N, V]`` nor fp32 ``[V, D]`` buffer (``policy_onepass.onepass_peak_bytes``; the module
+            docstring of ``policy_onepass``).
+        token_chunk: one-pass tokens per chunk (``None``: the largest multiple of 128 whose
+            ``[token_chunk, V]`` workspace fits in ``policy_onepass.ONEPASS_WORKSPACE_BYTES`` = 256 MiB,
+            at least 128, at most ``N``; all tokens on the CPU path).
         vocab_chunk: two-pass vocab columns per chunk of the hidden-state op (its ``vocab_chunk``).
         validate: the fused op's data-reading checks (``True`` / ``False`` / ``"auto"``: CPU only).
 

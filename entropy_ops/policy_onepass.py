@@ -11,7 +11,7 @@ known, so one pass per token chunk suffices (``6 N D V``)::
         logp_c, H_c                          from the tiles' statistics (fp32, exact)
         (g_logp, g_H) = d loss / d (logp_c, H_c)          autograd on the chunk's O(n) token terms
         dz = logit_grad(...)                 in place in the workspace
-        dh[c] = dz W   (one matmul over V, written once);  dW (+)= dz^T h_c;  db += sum_rows dz
+        dh[c] = dz W   (one matmul over V, written once);  dW (+)= dz^T h_c (weight dtype);  db += sum_rows dz
 
 That holds for the token-level ratio without the entropy mask: the aggregation weights (``token-mean``,
 ``seq-mean-token-mean``, ``seq-mean-token-sum-norm``) depend only on the mask, so they are constants
@@ -25,12 +25,30 @@ per-token terms (``policy_loss._token_terms``), so values, metrics and gradients
 two-pass form up to fp32 summation order (tested for every eligible preset).
 
 Memory (bytes beyond the inputs and the returned gradients, Triton path, ``e_g`` = 2 for 16-bit
-inputs, 4 for fp32): the workspace ``n V e_g`` + the chunk's tile statistics ``12 n V / 128`` + the
-``h`` operand of ``dW`` (``n D e_g``) + with more than one chunk an fp32 ``dW`` accumulator ``V D 4``
-(16-bit weights; cast once at the end) + O(N). The default chunk is ``n = min(N, 4 D / e_g)`` rows
-(the workspace is then at most the size of an fp32 ``[V, D]``): at ``N <= 2 D`` (bf16) one chunk, no
-accumulator. The CPU path runs each chunk as the op's forward and backward (same math, recomputed
-logits, blocks of ``CPU_BLOCK_ELEMENTS``) with the op's memory per chunk.
+inputs, 4 for fp32; :func:`onepass_peak_bytes`)::
+
+    n V e_g + 12 n V' / B_V + n D e_g  (+ 4 V ceil(n / B_N) with a bias; + n D 4 + Vc D 6 for fp16)
+
+the chunk's ``[n, V]`` workspace, its forward tile statistics (``V'``: ``V`` rounded up to whole
+``B_V``-column tiles), the ``h`` operand of ``dW``; with a bias the per-token-block column sums; for fp16
+the chunk's fp32 ``dh``, a bf16 ``W`` block and an fp32 ``dW`` block of ``Vc = D / 2`` vocab rows. No
+``[N, V]`` buffer and no fp32 ``[V, D]``: ``d hidden`` and ``d weight`` are written in the inputs'
+dtypes as the pass goes (``d hidden`` rows once per chunk; ``d weight`` added into by every chunk, see
+below), ``d bias`` is an fp32 ``[V]`` accumulator. The default chunk (:func:`default_token_chunk`) is
+the largest multiple of 128 rows with ``n V e_g <= ONEPASS_WORKSPACE_BYTES`` (256 MiB), at least 128,
+at most ``N``: at ``N = 8192, D = 4096, V = 131072`` bf16, ``n = 1024`` (8 chunks), 289 MB; at
+``N = 32768, D = 3584, V = 152064`` bf16, ``n = 768`` (43 chunks), 250 MB. ``token_chunk`` overrides it.
+
+Precision: ``d weight`` is added chunk after chunk into the weight's own dtype, with fp32 accumulation
+inside each matmul (cuBLAS ``addmm`` with ``beta = 1`` / the Triton matmul's ``ACCUMULATE``; fp16:
+through the fp32 ``dW`` block), in a fixed order (deterministic): it is rounded to the weight's dtype
+once per token chunk, ``ceil(N / n)`` times, where the two-pass form (and ``token_chunk >= N``) rounds
+it once. For fp32 weights the gradient itself is the fp32 accumulator.
+
+The CPU path runs each chunk as the op's forward and backward (same math, recomputed logits, blocks
+of ``CPU_BLOCK_ELEMENTS``) with the op's memory; by default it runs all tokens as one chunk (its
+measured budget), and with several chunks (``token_chunk``) it adds ``d weight`` into one fp32
+``[V, D]`` accumulator, rounded once at the end.
 """
 from dataclasses import dataclass
 
@@ -44,9 +62,44 @@ from .policy_checks import one_pass_eligible
 from .token_chunking import token_chunks
 
 
-def default_token_chunk(n_rows: int, dim: int, gemm_elem: int) -> int:
-    """Tokens per one-pass chunk: ``min(N, max(128, 4 D / e_g))`` (workspace ``n V e_g <= V D 4``)."""
-    return max(1, min(n_rows, max(128, 4 * dim // gemm_elem)))
+ONEPASS_WORKSPACE_BYTES = 256 << 20  # the default token chunk's [n, V] workspace budget (256 MiB)
+
+
+def default_token_chunk(n_rows: int, n_vocab: int, gemm_elem: int) -> int:
+    """Tokens per one-pass chunk (Triton path): the largest multiple of 128 with
+    ``n V e_g <= ONEPASS_WORKSPACE_BYTES``, at least 128, at most ``N`` (``N`` small: one chunk)."""
+    n = ONEPASS_WORKSPACE_BYTES // (max(n_vocab, 1) * gemm_elem) // 128 * 128
+    return max(1, min(n_rows, max(128, n)))
+
+
+def onepass_peak_bytes(n_rows: int, dim: int, n_vocab: int, dtype: torch.dtype, *, token_chunk: int | None = None,
+                       bias: bool = False) -> int:
+    """The one-pass loss's peak extra bytes on the Triton path (module docstring), the returned gradients
+    and ``O(N + V)`` terms left out (the conventions of ``linear_triton.backward_peak_bytes``)::
+
+        n V e_g + 12 n V' / B_V + n D e_g + 4 V ceil(n / B_N) [bias] + n D 4 + Vc D 6 [fp16]
+
+    ``n`` the token chunk (``token_chunk``, else :func:`default_token_chunk`; at most ``N``), ``V'``
+    the vocabulary rounded up to whole ``B_V``-column tiles, ``B_N x B_V`` the forward tile of the
+    dtype (the one-pass loss runs without TF32), ``Vc`` the fp16 vocab block (``D / 2`` rounded up to
+    whole tiles, at most ``V'``).
+    """
+    from .kernels.linear_logprobs_entropy import launch_config
+
+    if n_rows <= 0:
+        return 0
+    gd = linear_triton.gemm_dtype(dtype)
+    e_g = gd.itemsize
+    n = min(n_rows, token_chunk if token_chunk is not None else default_token_chunk(n_rows, n_vocab, e_g))
+    cfg = launch_config(e_g, False)[0]
+    tiles = -(-n_vocab // cfg.block_v)
+    total = n * n_vocab * e_g + 12 * n * tiles + n * dim * e_g  # workspace, tile statistics, h operand of dW
+    if bias:
+        total += 4 * n_vocab * -(-n // cfg.block_n)  # per-token-block column sums of dz
+    if dtype == torch.float16:  # fp32 dh of the chunk; a bf16 W block and an fp32 dW block
+        vc = linear_triton.vocab_chunk_size(n, dim, n_vocab, e_g, cfg.block_v, dim // 2)
+        total += n * dim * 4 + vc * dim * 6
+    return total
 
 
 @dataclass(frozen=True)
@@ -75,7 +128,7 @@ class OnePassLinearGradients(torch.autograd.Function):
         dev = hidden.device
         if op.backend == "triton":
             gd = linear_triton.gemm_dtype(hidden.dtype)
-            size = params.token_chunk or default_token_chunk(n_rows, D, gd.itemsize)
+            size = params.token_chunk or default_token_chunk(n_rows, V, gd.itemsize)
             acc = torch.float32
         else:
             size = params.token_chunk or max(1, n_rows)
@@ -84,9 +137,10 @@ class OnePassLinearGradients(torch.autograd.Function):
         logp, H = (torch.empty(n_rows, dtype=acc, device=dev) for _ in range(2))
         stats = torch.empty(3, n_rows, dtype=acc, device=dev)
         if op.backend == "triton":
+            # the gradients themselves, in the inputs' dtypes: every chunk writes its dh rows once and adds its
+            # dW into dw (no fp32 [V, D]: one rounding to the weight's dtype per chunk)
             dh = torch.empty(n_rows, D, dtype=hidden.dtype, device=dev) if needs[0] else None
-            direct = len(chunks) == 1 and weight.dtype == linear_triton.gemm_dtype(weight.dtype)
-            dw = torch.empty(V, D, dtype=weight.dtype if direct else acc, device=dev) if needs[1] else None
+            dw = torch.empty(V, D, dtype=weight.dtype, device=dev) if needs[1] else None
         else:
             dh = torch.zeros(n_rows, D, dtype=acc, device=dev) if needs[0] else None
             dw = torch.zeros(V, D, dtype=acc, device=dev) if needs[1] else None
@@ -128,8 +182,9 @@ class OnePassLinearGradients(torch.autograd.Function):
     def backward(ctx, grad_anchor, _grad_logp, _grad_H):
         out = []
         for g, dtype in zip(ctx.grads, ctx.dtypes):
-            out.append(None if g is None or grad_anchor is None else (g * grad_anchor.to(g.dtype)).to(dtype))
-        ctx.grads = None  # free them as soon as they are handed over
+            # scaled in place: the stored gradients are this op's own buffers, so no second [V, D] / [N, D]
+            out.append(None if g is None or grad_anchor is None else g.mul_(grad_anchor.to(g.dtype)).to(dtype))
+        ctx.grads = None  # handed over
         return (*out, None, None, None)
 
 

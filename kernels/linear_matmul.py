@@ -72,15 +72,17 @@ def compile_specs() -> list[LaunchSpec]:
     """The launches of ``_matmul`` the dispatcher makes with ``matmul="triton"`` on CUDA (N=8192, D=4096,
     Vc=2048, V=131072), one per specialization: operand dtype (bf16 for 16-bit inputs, fp16 ones included;
     fp32 IEEE / TF32) x operand layout (``dz^T`` read transposed for ``dW``, ``dz`` row-major for ``dh``)
-    x output (the weight dtype or fp32) x accumulate. bf16: ``dW`` into bf16 (two-pass, one-pass single
-    chunk), into an fp32 block (fp16 weight, one-pass first chunk), added to fp32 (token chunks, one-pass
-    later chunks); ``dh`` into fp32 (first chunk), added to fp32 (later chunks); the one-pass ``dh = dz W``
-    over the whole vocabulary into bf16. fp32: the same four products, all fp32."""
+    x output (the weight dtype or fp32) x accumulate. bf16: ``dW`` into bf16 (two-pass, one-pass first
+    chunk), added to bf16 (one-pass later chunks), into an fp32 block (fp16 weight), added to fp32 (token
+    chunks); ``dh`` into fp32 (first chunk), added to fp32 (later chunks); the one-pass ``dh = dz W`` over
+    the whole vocabulary into bf16. fp32: the same four products, all fp32."""
     n, d, vc, v = 8192, 4096, 2048, 131072
     dw_t = dict(M=vc, N=d, K=n, stride_am=1, stride_ak=vc, stride_bk=d, stride_bn=1)  # dW[chunk] (+)= dz^T h
     dh_t = dict(M=n, N=d, K=vc, stride_am=vc, stride_ak=1, stride_bk=d, stride_bn=1)  # dh (+)= dz W[chunk]
     dh_1 = dict(M=n, N=d, K=v, stride_am=v, stride_ak=1, stride_bk=d, stride_bn=1)  # one-pass dh = dz W
     launches = [("bf16", "ieee", "dW = dz^T h", dw_t, "bf16", False),
+                # one-pass later token chunks ([V, n] @ [n, D]: the same specialization as dw_t)
+                ("bf16", "ieee", "one-pass dW += dz^T h", dw_t, "bf16", True),
                 ("bf16", "ieee", "dW = dz^T h, fp32 block", dw_t, "fp32", False),
                 ("bf16", "ieee", "dW += dz^T h", dw_t, "fp32", True),
                 ("bf16", "ieee", "dh = dz W", dh_t, "fp32", False),

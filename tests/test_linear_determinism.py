@@ -1,6 +1,8 @@
 """The hidden-state op's vocab-chunked backward: bitwise reproducible, the same for every chunk size and both
 gradient-matmul implementations, fp16-safe with a realistic 1/N upstream gradient, once differentiable,
 and guarded (NaN, not garbage) for out-of-range targets when the value checks are off."""
+from typing import NamedTuple
+
 import pytest
 import torch
 
@@ -149,6 +151,27 @@ def test_triton_matmul_matches_default_in_16_bit(dtype):
         assert_close(*_grad_view(name, x, y.double()), 1e-2, name, rowwise=name != "d_bias")
 
 
+class Alloc(NamedTuple):
+    ptr: int
+    shape: tuple
+    nbytes: int
+    dtype: torch.dtype
+
+
+def trace_allocations(monkeypatch, names=("empty", "zeros")) -> list[Alloc]:
+    """Record every tensor ``torch.<name>`` returns (for each of ``names``) until ``monkeypatch.undo()``: the
+    list returned grows as the traced code allocates. The ops' buffers all come from these factories."""
+    sizes = []
+    for name in names:
+        def traced(*args, original=getattr(torch, name), **kwargs):
+            out = original(*args, **kwargs)
+            sizes.append(Alloc(out.data_ptr(), tuple(out.shape), out.element_size() * out.numel(), out.dtype))
+            return out
+
+        monkeypatch.setattr(torch, name, traced)
+    return sizes
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_backward_buffers_follow_the_memory_formula(monkeypatch, dtype):
     """The buffers the vocab-chunked backward allocates (torch.empty / torch.zeros, traced) beyond the
@@ -165,14 +188,7 @@ def test_backward_buffers_follow_the_memory_formula(monkeypatch, dtype):
     params = LinearOpParams(backend="triton", vocab_chunk=chunk)
     h3d = hidden.unsqueeze(0)
     stats = linear_triton.forward_chunks(h3d, weight, bias, targets, params)[2]
-    sizes = []
-    for name in ("empty", "zeros"):
-        def traced(*args, original=getattr(torch, name), **kwargs):
-            out = original(*args, **kwargs)
-            sizes.append((out.data_ptr(), tuple(out.shape), out.element_size() * out.numel()))
-            return out
-
-        monkeypatch.setattr(torch, name, traced)
+    sizes = trace_allocations(monkeypatch)
     g = torch.ones(n)
     dh, dw, db = linear_triton.backward_chunks(h3d, weight, bias, targets, stats, g, g, params, (True, True, True),
                                                vocab_chunk=chunk)
@@ -180,7 +196,7 @@ def test_backward_buffers_follow_the_memory_formula(monkeypatch, dtype):
     returned = {dw.data_ptr(), db.data_ptr()}
     if dtype == torch.float32:
         returned.add(dh.data_ptr())  # for fp32 hidden the fp32 accumulator is the gradient itself
-    extra = sum(nbytes for ptr, shape, nbytes in sizes if ptr not in returned and shape != ())  # () : dtype probes
+    extra = sum(a.nbytes for a in sizes if a.ptr not in returned and a.shape != ())  # () : dtype probes
     expected = linear_triton.backward_peak_bytes(n, d, v, dtype, bias=True, vocab_chunk=chunk)
     if dtype == torch.float16:
         expected -= linear_triton.vocab_chunk_size(n, d, v, 2, 128, chunk) * d * 2  # W chunk: .to(), not traced

@@ -1,6 +1,8 @@
 """The one-pass policy loss (gradient formed in the forward, per token chunk) against the two-pass form:
 loss, metrics and the gradients of hidden, weight and bias, for every preset that allows it, on both paths
-(chunked CPU, Triton under the interpreter), with several token chunks; and the automatic fallback."""
+(chunked CPU, Triton under the interpreter), with several token chunks; and the automatic fallback. With
+several chunks on the Triton path: against the float64 oracle, bitwise reproducible, its buffers against
+``onepass_peak_bytes`` (traced), no [N, V] nor fp32 [V, D] buffer; the default chunk and its performance model."""
 import zlib
 
 import pytest
@@ -151,3 +153,176 @@ def test_narrow_target_dtype_is_widened(one_pass):
     a = run(batch, "dapo", one_pass, backend="torch")
     b = run(narrow, "dapo", one_pass, backend="torch")
     assert_same(a, b, 0.0)
+
+
+# ---------------------------------------------------------------- several token chunks (the default at large N)
+def test_default_token_chunk_from_the_workspace_budget():
+    """The largest multiple of 128 with n V e_g <= ONEPASS_WORKSPACE_BYTES, at least 128, at most N."""
+    budget = policy_onepass.ONEPASS_WORKSPACE_BYTES
+    assert budget == 256 * 2**20
+    for n_rows, v, e in ((8192, 131072, 2), (32768, 152064, 2), (32768, 152064, 4), (10**6, 50257, 2)):
+        n = policy_onepass.default_token_chunk(n_rows, v, e)
+        assert n % 128 == 0 and n * v * e <= budget < (n + 128) * v * e
+    assert policy_onepass.default_token_chunk(8192, 131072, 2) == 1024  # 8 chunks at the issue's shape
+    assert policy_onepass.default_token_chunk(32768, 152064, 2) == 768
+    assert policy_onepass.default_token_chunk(100, 131072, 2) == 100  # N small: one chunk
+    assert policy_onepass.default_token_chunk(10**6, 2**22, 4) == 128  # at least 128 rows
+    assert policy_onepass.default_token_chunk(0, 100, 2) == 1
+
+
+def oracle_batch(dtype, seed):
+    """Odd sizes (B=3, T=7: 21 tokens, D=24, V=333), masked tokens, per-token advantages."""
+    g = torch.Generator().manual_seed(seed)
+    b, t, d, v = 3, 7, 24, 333
+    hidden = torch.randn(b, t, d, generator=g).to(dtype)
+    weight = (torch.randn(v, d, generator=g) * 2.0 / d**0.5).to(dtype)
+    bias = (0.5 * torch.randn(v, generator=g)).to(dtype)
+    targets = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.rand(b, t, generator=g) > 0.3
+    mask[0, 0] = True
+    with torch.no_grad():
+        z = hidden.double() @ weight.double().T + bias.double()
+        logp = torch.log_softmax(z / 0.7, -1).gather(-1, targets[..., None])[..., 0].float()
+    return dict(hidden=hidden, weight=weight, bias=bias, targets=targets, mask=mask,
+                advantages=torch.randn(b, t, generator=g), old_logprobs=logp + 0.3 * torch.randn(b, t, generator=g),
+                ref_logprobs=logp + 0.2 * torch.randn(b, t, generator=g))
+
+
+ORACLE_CONFIG = dict(beta=0.04, entropy_coef=0.01, temperature=0.7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_several_chunks_match_the_float64_oracle_and_two_passes(dtype):
+    """Token chunks of 5 rows (T = 7: 6 chunks of 5 and 2 tokens), temperature 0.7, masked tokens, KL and
+    entropy terms, Triton path: loss and metrics against the float64 oracle to fp32 precision (they come
+    from fp32 statistics), gradients within 1e-5 (fp32) / 1e-2 (16-bit: dW rounded once per chunk);
+    and against the two-pass loss."""
+    from oracle import TOL
+    from test_policy_loss import check, check_grad, check_loss, ref_loss, ref_token_stats
+
+    batch = oracle_batch(dtype, seed=41)
+    config = PolicyLossConfig.preset("dapo", **ORACLE_CONFIG)
+    one = run(batch, config, True, backend="triton", token_chunk=5)
+    two = run(batch, config, False, backend="triton")
+    refs = {k: batch[k].double().requires_grad_(True) for k in ("hidden", "weight", "bias")}
+    z = refs["hidden"] @ refs["weight"].T + refs["bias"]
+    logp, H = ref_token_stats(z, batch["targets"], batch["mask"], config.temperature)
+    ref_l, ref_m, magnitude = ref_loss(logp, H, batch["mask"], batch["advantages"], batch["old_logprobs"],
+                                       batch["ref_logprobs"], config)
+    ref_l.backward()
+    tol = TOL[dtype]
+    check_loss(one[0], ref_l, magnitude, tol["fwd"])
+    assert set(one[1]) == set(ref_m)
+    for k in ref_m:
+        check(one[1][k], ref_m[k], tol["fwd"], f"metrics[{k!r}]")
+    for k, ref in refs.items():
+        assert one[2][k].dtype == dtype
+        check_grad(one[2][k], ref.grad, tol["grad"], f"d loss / d {k}")
+    assert_close(one[0], two[0], 1e-5, "loss vs two-pass")
+    for k in two[1]:
+        assert_close(one[1][k], two[1][k], 1e-5, f"{k} vs two-pass")
+    for k in two[2]:
+        check_grad(one[2][k], two[2][k], tol["grad"], f"d {k} vs two-pass")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_several_chunks_are_bitwise_reproducible(dtype):
+    """Two runs with 6 token chunks: the same bits for the loss, the metrics and every gradient."""
+    batch = oracle_batch(dtype, seed=43)
+    config = PolicyLossConfig.preset("grpo", **ORACLE_CONFIG)
+    first, second = (run(batch, config, True, backend="triton", token_chunk=5) for _ in range(2))
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(first[1][k], second[1][k]) for k in first[1])
+    assert all(torch.equal(first[2][k], second[2][k]) for k in first[2])
+
+
+def traced_one_pass(monkeypatch, dtype, n_rows=97, d=32, v=300, chunk=40):
+    """Run the one-pass form (Triton path, bias, chunks of ``chunk`` rows: 40, 40, 17) with every
+    ``torch.empty`` / ``torch.zeros`` traced; returns ``(per-chunk allocation lists, the rest, n_rows, d, v)``."""
+    from entropy_ops import linear_triton
+    from entropy_ops.linear_ops import linear_op_params
+    from test_linear_determinism import trace_allocations
+
+    g = torch.Generator().manual_seed(47)
+    hidden = torch.randn(n_rows, d, generator=g).to(dtype).requires_grad_(True)
+    weight = (torch.randn(v, d, generator=g) / d**0.5).to(dtype).requires_grad_(True)
+    bias = torch.randn(v, generator=g).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, v, (n_rows,), generator=g)
+    targets[::5] = -100
+    up = torch.randn(2, n_rows, generator=g)
+    op = linear_op_params(hidden, weight, bias, targets, temperature=0.8, ignore_index=-100, logit_softcap=None,
+                          allow_tf32=False, backend="triton")
+    sizes = trace_allocations(monkeypatch)
+    spans, original = [], linear_triton.onepass_chunk
+
+    def marked(*args, **kwargs):
+        start = len(sizes)
+        out = original(*args, **kwargs)
+        spans.append((start, len(sizes)))
+        return out
+
+    monkeypatch.setattr(linear_triton, "onepass_chunk", marked)
+    anchor, _, _ = policy_onepass.OnePassLinearGradients.apply(
+        hidden, weight, bias, targets, lambda r0, r1, lp, h: (up[0, r0:r1], up[1, r0:r1]),
+        policy_onepass.OnePassParams(op, chunk))
+    anchor.backward()
+    monkeypatch.undo()
+    per_chunk = [sizes[a:b] for a, b in spans]
+    inside = {i for a, b in spans for i in range(a, b)}
+    rest = [s for i, s in enumerate(sizes) if i not in inside]
+    assert [h.grad.dtype for h in (hidden, weight)] == [dtype, dtype] and torch.isfinite(weight.grad).all()
+    return per_chunk, rest, n_rows, d, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_chunk_buffers_follow_the_memory_formula(monkeypatch, dtype):
+    """Each token chunk's buffers (traced torch.empty / torch.zeros; O(n) vectors and [3, n] statistics left
+    out) add up to policy_onepass.onepass_peak_bytes at that chunk's rows; outside the chunks only the
+    gradients themselves and O(N) statistics are allocated; the formula at the issue's two shapes."""
+    if dtype == torch.bfloat16:
+        assert round(policy_onepass.onepass_peak_bytes(8192, 4096, 131072, dtype) / 1e6) == 289
+        assert round(policy_onepass.onepass_peak_bytes(32768, 3584, 152064, dtype) / 1e6) == 250
+    per_chunk, rest, n_rows, d, v = traced_one_pass(monkeypatch, dtype)
+    rows = [40, 40, 17]
+    assert len(per_chunk) == len(rows)
+    for n, allocs in zip(rows, per_chunk):
+        big = [a for a in allocs if len(a.shape) >= 2 and a.shape != (3, n)]
+        expected = policy_onepass.onepass_peak_bytes(n, d, v, dtype, bias=True)
+        assert sum(a.nbytes for a in big) == expected, big
+    assert policy_onepass.onepass_peak_bytes(n_rows, d, v, dtype, token_chunk=40, bias=True) == \
+        policy_onepass.onepass_peak_bytes(40, d, v, dtype, bias=True)
+    outside = sorted((a.shape, a.dtype) for a in rest if len(a.shape) >= 2 and a.shape != (3, n_rows))
+    assert outside == sorted([((n_rows, d), dtype), ((v, d), dtype)])  # d hidden, d weight: the gradients
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_several_chunks_hold_no_full_logits_nor_fp32_weight_buffer(monkeypatch, dtype):
+    """With 3 token chunks nothing allocates N V elements (the logits) or V D 4 bytes (an fp32 [V, D]), the
+    fp32 weight's own gradient excepted (it is the accumulator)."""
+    per_chunk, rest, n_rows, d, v = traced_one_pass(monkeypatch, dtype)
+    allocs = [a for chunk in per_chunk for a in chunk] + rest
+    assert not [a for a in allocs if a.nbytes // a.dtype.itemsize == n_rows * v]
+    fp32_w = [a for a in allocs if a.nbytes == v * d * 4]
+    assert fp32_w == ([] if dtype != torch.float32 else [a for a in rest if a.shape == (v, d)])
+
+
+def test_performance_model_follows_the_default_chunks():
+    """benchmarks.perf_linear models the one-pass loss in the library's default token chunks: at N=8192,
+    D=4096, V=131072 bf16, 8 chunks of 1024 rows; the first writes dW, each later one reads and writes the
+    bf16 [V, D] (2 V D e bytes); every chunk reads all of W twice (forward tiles, dh) and pays its launches."""
+    from benchmarks.gpus import GPUS
+    from benchmarks.perf_linear import ONEPASS_SMALL_LAUNCHES, SMALL_LAUNCH_S, one_pass_pieces
+    from benchmarks.shapes import Shape
+
+    n, v, d, e = 8192, 131072, 4096, 2
+    pieces = one_pass_pieces(Shape(n, v, d), "bf16", GPUS["H100"], [])
+    by_kind = lambda key: [p for p in pieces if p.name.startswith(key)]  # noqa: E731
+    dw = by_kind("dW (+)=")
+    assert [p.name.split("[")[1] for p in dw] == ["first chunk of 1024]", "7 chunks of 1024]"]
+    assert sum(p.hbm_bytes for p in dw) == n * v * e + n * d * e + v * d * e + 7 * 2 * v * d * e
+    assert sum(p.hbm_bytes for p in by_kind("dh_c")) == n * v * e + 8 * v * d * e + n * d * e
+    assert sum(p.flops for p in pieces) == 6 * n * d * v
+    launches = sum(p.time_s for p in by_kind("small launches"))
+    assert launches == pytest.approx(8 * ONEPASS_SMALL_LAUNCHES * SMALL_LAUNCH_S)
+    one = one_pass_pieces(Shape(n, v, d), "bf16", GPUS["H100"], [], token_chunk=n)
+    assert len(one) == 5 and sum(p.time_s for p in one) < sum(p.time_s for p in pieces)
