@@ -74,6 +74,7 @@ def designs(shape: Shape, dtype: torch.dtype) -> list[dict]:
     """One row per design: ``extra_bytes`` (modeled peak), ``deterministic``, ``dw_roundings`` (how many
     times each ``d weight`` element is rounded to a 16-bit dtype; ``None`` for an order-dependent count)."""
     from entropy_ops import linear_triton as lt
+    from entropy_ops.policy_onepass import default_token_chunk, onepass_peak_bytes
 
     n, d, v = shape.n_tokens, shape.hidden, shape.vocab
     e = torch.empty((), dtype=dtype).element_size()
@@ -84,14 +85,9 @@ def designs(shape: Shape, dtype: torch.dtype) -> list[dict]:
     rows.append(dict(design="entropy-ops chunked, fp32_weight_grad=False, N/4 tokens a chunk",
                      extra_bytes=lt.backward_peak_bytes(quarter, d, v, dtype), deterministic=True,
                      dw_roundings=math.ceil(n / quarter)))
-    try:
-        from entropy_ops.policy_onepass import default_token_chunk, onepass_peak_bytes
-
-        chunk = default_token_chunk(n, d, v, lt.gemm_dtype(dtype).itemsize)
-        rows.append(dict(design="entropy-ops (one-pass loss)", extra_bytes=onepass_peak_bytes(n, d, v, dtype),
-                         deterministic=True, dw_roundings=math.ceil(n / chunk)))
-    except (ImportError, TypeError):  # a library without the bounded one-pass form
-        pass
+    chunk = default_token_chunk(n, v, lt.gemm_dtype(dtype).itemsize)
+    rows.append(dict(design="entropy-ops (one-pass loss)", extra_bytes=onepass_peak_bytes(n, d, v, dtype),
+                     deterministic=True, dw_roundings=math.ceil(n / chunk)))
     liger_chunk = 1 << max(0, math.ceil(math.log2(math.ceil(n / math.ceil(v / d)))))
     rows += [
         dict(design="naive PyTorch (lower bound)", extra_bytes=16 * n * v, deterministic=True, dw_roundings=1),

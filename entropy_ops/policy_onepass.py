@@ -219,18 +219,23 @@ def one_pass_policy_loss(targets, valid, advantages, hidden, weight, bias, old_l
     adv = (adv.unsqueeze(-1).expand(shape) if adv.dim() == 1 else adv).reshape(-1)
     old = None if old_logprobs is None else old_logprobs.reshape(-1)
     ref = None if ref_logprobs is None else ref_logprobs.reshape(-1)
+    # The chunk-invariant constants, once for all tokens. _constants reads the log-probs only where the mask
+    # drops a token, and the op's log-probs are exactly 0 there (those rows reach it as ignore_index): zeros
+    # give the same constants. On-policy (no old log-probs) "old" is the chunk's own detached log-probs.
+    old_all, adv_all, ref_all = _constants(torch.zeros(flat_valid.shape, dtype=torch.float32, device=adv.device),
+                                           flat_valid, adv, old, ref)
 
     def grad_fn(r0, r1, logp_c, H_c):
-        """``d loss / d (logp, H)`` of the flat tokens ``[r0, r1)``: the same per-token terms and weights."""
+        """``d loss / d (logp, H)`` of the flat tokens ``[r0, r1)``: the same per-token terms and weights.
+
+        ``logp_c``/``H_c`` are 0 on dropped tokens (the op's output there), whose weight in ``agg`` is 0."""
         v = flat_valid[r0:r1]
         with torch.enable_grad():
-            lp = logp_c.detach().clone().requires_grad_(True)
-            ent = H_c.detach().clone().requires_grad_(True)
-            zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
-            lp_v, ent_v = torch.where(v, lp, zero), torch.where(v, ent, zero)
-            o, a, r = _constants(lp_v.detach(), v, adv[r0:r1], None if old is None else old[r0:r1],
-                                 None if ref is None else ref[r0:r1])
-            loss_c = (_token_terms(lp_v, ent_v, v, v, o, a, r, cfg)[0] * agg[r0:r1]).sum()
+            lp = logp_c.detach().requires_grad_(True)
+            ent = H_c.detach().requires_grad_(True)
+            o = lp.detach() if old is None else old_all[r0:r1]
+            r = None if ref is None else ref_all[r0:r1]
+            loss_c = (_token_terms(lp, ent, v, v, o, adv_all[r0:r1], r, cfg)[0] * agg[r0:r1]).sum()
             g_lp, g_ent = torch.autograd.grad(loss_c, (lp, ent), allow_unused=True)
         return (torch.zeros_like(lp) if g_lp is None else g_lp), (torch.zeros_like(ent) if g_ent is None else g_ent)
 

@@ -187,6 +187,7 @@ def test_memory_model_rows_come_from_the_library_formulas():
 
     from benchmarks.perf_memory import EXTRA_PRESETS, designs
     from entropy_ops.linear_triton import backward_peak_bytes
+    from entropy_ops.policy_onepass import onepass_peak_bytes
 
     for shape in EXTRA_PRESETS["issue14"]:
         n, v, d = shape.n_tokens, shape.vocab, shape.hidden
@@ -199,6 +200,8 @@ def test_memory_model_rows_come_from_the_library_formulas():
         lean = rows["entropy-ops chunked, fp32_weight_grad=False, N/4 tokens a chunk"]
         assert lean["extra_bytes"] == backward_peak_bytes(n // 4, d, v, torch.bfloat16) < ours
         assert lean["dw_roundings"] == 4 < rows["Liger-Kernel FLCE"]["dw_roundings"]
+        one_pass = rows["entropy-ops (one-pass loss)"]
+        assert one_pass["extra_bytes"] == onepass_peak_bytes(n, d, v, torch.bfloat16) <= 16 * n * v / 50
     text = _run("benchmarks.perf_memory", "--shapes", "issue14").stdout
     assert "N=32768 V=152064 D=3584" in text and "Liger-Kernel FLCE" in text
 

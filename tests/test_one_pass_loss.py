@@ -326,3 +326,69 @@ def test_performance_model_follows_the_default_chunks():
     assert launches == pytest.approx(8 * ONEPASS_SMALL_LAUNCHES * SMALL_LAUNCH_S)
     one = one_pass_pieces(Shape(n, v, d), "bf16", GPUS["H100"], [], token_chunk=n)
     assert len(one) == 5 and sum(p.time_s for p in one) < sum(p.time_s for p in pieces)
+
+
+# Dispatcher-level ops that launch no GPU kernel (views, allocations, metadata).
+_NO_LAUNCH = {"empty.memory_format", "empty_strided.default", "view.default", "_unsafe_view.default",
+              "as_strided.default", "detach.default", "t.default", "transpose.int", "expand.default", "slice.Tensor",
+              "select.int", "unsqueeze.default", "squeeze.dim", "alias.default", "permute.default",
+              "lift_fresh.default", "_reshape_alias.default", "unbind.int", "empty_like.default", "new_empty.default",
+              "new_empty_strided.default", "sym_size.int", "sym_stride.int"}
+
+
+def _launches(monkeypatch, config, chunk, with_ref):
+    """Kernel launches of one one-pass ``policy_loss`` call on the Triton path: every Triton launch and every
+    gradient matmul counts 1 (what runs inside them is not counted), every other op at the dispatcher level
+    counts 1 unless it is a view or an allocation (a conservative count of a CUDA run's launches: a Python
+    scalar's ``scalar_tensor`` launches nothing on CUDA)."""
+    import triton.runtime.interpreter as interpreter
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from entropy_ops import linear_triton
+
+    count, inside = [0], [0]
+
+    def counted(fn):
+        def run(*args, **kwargs):
+            count[0] += 1
+            inside[0] += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inside[0] -= 1
+        return run
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside[0] and str(func).removeprefix("aten.") not in _NO_LAUNCH:
+                count[0] += 1
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", counted(interpreter.GridExecutor.__call__))
+    monkeypatch.setattr(linear_triton, "matmul_into", counted(linear_triton.matmul_into))
+    batch = make_batch(torch.bfloat16, seed=11)
+    if not with_ref:
+        batch["ref_logprobs"] = None
+    leaves = {k: batch[k].requires_grad_(True) for k in ("hidden", "weight", "bias")}
+    with Ops():
+        policy_loss(**{**batch, **leaves, "bias": None}, config=config, one_pass=True, backend="triton",
+                    token_chunk=chunk)
+    return count[0]
+
+
+def test_small_launches_per_chunk_are_the_models():
+    """The performance model charges ONEPASS_SMALL_LAUNCHES small launches per token chunk besides the chunk's
+    four large pieces (forward tiles, dz kernel, two matmuls): it is the count measured here for the GRPO
+    preset (one chunk of 15 rows against three of 5), within 3; KL, entropy bonus and dual clip add more."""
+    from benchmarks.perf_linear import ONEPASS_SMALL_LAUNCHES
+
+    mp = pytest.MonkeyPatch()
+    try:
+        per_chunk = (_launches(mp, "grpo", T, False) - _launches(mp, "grpo", B * T, False)) / (B - 1)
+        heavy_cfg = PolicyLossConfig(beta=0.04, entropy_coef=0.01, dual_clip=3.0)
+        heavy = (_launches(mp, heavy_cfg, T, True) - _launches(mp, heavy_cfg, B * T, True)) / (B - 1)
+    finally:
+        mp.undo()
+    small = per_chunk - 4
+    assert small == int(small) and ONEPASS_SMALL_LAUNCHES - 3 <= small <= ONEPASS_SMALL_LAUNCHES, (small, heavy - 4)
+    assert heavy - 4 > small
