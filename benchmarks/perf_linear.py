@@ -19,8 +19,9 @@ class LinearDesign:
 
     ``kind="chunked"``: the vocabulary in chunks of ``chunk`` columns (``None``: the library's default,
     ``max(N D, 16 MiB) / (N e)``, i.e. ``D / 2`` for 16-bit inputs at large ``N``), no atomics.
-    ``forward``: ``"triton"`` (fused tiles: GEMM + statistics epilogue, partial statistics merged per
-    chunk) or ``"cublas"`` (GEMM into an ``[N, Vc]`` workspace, then a statistics pass over it).
+    ``forward``: ``"triton"`` (fused tiles in one launch over the whole vocabulary, each program folding
+    a strip of tiles in registers, one partial per strip merged after) or ``"cublas"`` (GEMM into an
+    ``[N, Vc]`` workspace per chunk, then a statistics pass over it).
     ``recompute``: ``"triton"`` (a fused tile kernel recomputes the logits and writes ``dz``) or
     ``"cublas"`` (GEMM into the workspace, then a ``dz`` pass). ``dW[chunk] = dz^T h`` and
     ``dh += dz W[chunk]`` always run in cuBLAS (fp32 ``dh`` read and written per chunk). The one-pass
@@ -32,7 +33,6 @@ class LinearDesign:
     name: str
     kind: str
     chunk: int | None = None
-    forward_chunks: int = 16  # backward chunks per forward chunk (entropy_ops.linear_triton.FORWARD_CHUNKS)
     forward: str = "triton"
     recompute: str = "triton"
     block_n: int = 128
@@ -49,7 +49,7 @@ DESIGNS = {
     # The portable pattern of verl / Liger's non-Hopper paths: every GEMM in cuBLAS, statistics and dz as
     # bandwidth passes over a bf16 [N, Vc] workspace (Vc = 4096).
     "cublas": LinearDesign("chunked: every GEMM in cuBLAS, workspace passes", "chunked", chunk=4096,
-                           forward_chunks=1, forward="cublas", recompute="cublas"),
+                           forward="cublas", recompute="cublas"),
     # The fused Triton design before: split-vocab forward (128 x 64 tiles), backward 64 x 128 tiles with
     # fp32 RED into dh [N, D] and dW [V, D].
     "atomic": LinearDesign("atomic: fused Triton, fp32 RED", "atomic"),
@@ -89,13 +89,17 @@ def linear_op(shape: Shape, dtype: str, gpu: GPU, rows: list[dict], design: Line
     vc = _chunk(design, n, d, v, e)
     chunks = math.ceil(v / vc)
     h_per_chunk = reread_bytes(h, chunks, h, gpu)  # each chunk's GEMMs read h again unless it stays in L2
-    partials = 2 * 12.0 * n * v / 128  # fp32 (m, S, T) per 128-column tile, written then merged
     fwd_row = static_row(rows, LINEAR_MODULE, "fwd", dtype, tensor_core=True)
     grad_row = static_row(rows, LINEAR_MODULE, "logit_grad", dtype, tensor_core=True)
     if design.forward == "triton":
-        h_per_fwd_chunk = reread_bytes(h, math.ceil(v / (vc * design.forward_chunks)), h, gpu)
-        fwd = [gemm_piece("fused forward tiles (Triton)", mm, h_per_fwd_chunk + w + partials, gpu,
-                          triton_gemm_efficiency(fwd_row)[0])]
+        from entropy_ops.linear_triton import forward_strips
+
+        tiles = math.ceil(v / 128)
+        strips = math.ceil(tiles / forward_strips(n, tiles, 128))
+        partials = 12.0 * n * strips  # fp32 (m, S, T) per strip: written by the tiles, read by the merge
+        fwd = [gemm_piece("fused forward tiles (Triton)", mm, h + w + partials + 12 * n, gpu,
+                          triton_gemm_efficiency(fwd_row)[0]),
+               bandwidth_piece("merge of the strips' statistics", partials + 36 * n, gpu)]
     else:
         fwd = [gemm_piece("z = h W_c^T (cuBLAS)", mm, h_per_chunk + w + n * v * e, gpu),
                bandwidth_piece("statistics pass over z", n * v * e + 16 * n * chunks, gpu)]

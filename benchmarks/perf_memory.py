@@ -11,7 +11,8 @@ measured on a GPU. The rows and what they hold at their peak:
 - ``entropy-ops (two-pass)``: :func:`entropy_ops.linear_triton.backward_peak_bytes` (its terms are
   checked against traced allocations in the tests): the fp32 ``d hidden`` accumulator ``4 N D``
   (16-bit ``hidden``), the ``h`` operand of ``dW = dz^T h`` (``N D e``, ignored rows zeroed) and the
-  ``dz`` buffer ``N Vc e``. The forward holds ``N (36 + 12 Vf / 128)`` bytes of tile statistics.
+  ``dz`` buffer ``N Vc e``. The forward holds ``N (36 + 12 R)`` bytes of statistics (``R`` vocab strips,
+  8 at these shapes: 1.1 MB at N=8192).
   Deterministic, both gradients rounded once to their dtype.
 - ``entropy-ops chunked, fp32_weight_grad=False``: ``chunked_linear_logprobs_and_entropy`` with ``n = N / 4``
   tokens a chunk, each chunk's ``dW`` rounded into the weight-dtype gradient: one chunk's backward,
@@ -59,15 +60,15 @@ def _shapes(spec: str) -> list[Shape]:
 
 
 def ours_forward_bytes(n: int, d: int, v: int, dtype: torch.dtype) -> int:
-    """Forward extra: fp32 statistics and outputs (36 bytes a row) and one forward chunk's tile
-    statistics (``12`` bytes per row per ``B_V``-column tile of ``Vf = FORWARD_CHUNKS Vc`` columns)."""
+    """Forward extra: fp32 statistics and outputs (36 bytes a row) and the strips' partial statistics
+    (``12`` bytes per row per strip, :func:`entropy_ops.linear_triton.forward_strips`)."""
     from entropy_ops import linear_triton as lt
     from entropy_ops.kernels import linear_logprobs_entropy as k
 
     cfg = k.launch_config(torch.empty((), dtype=dtype).element_size(), False)[0]
-    vc = lt.vocab_chunk_size(n, d, v, lt.gemm_dtype(dtype).itemsize, cfg.block_v)
-    vf = min(lt.FORWARD_CHUNKS * vc, math.ceil(v / cfg.block_v) * cfg.block_v)
-    return n * (36 + 12 * (vf // cfg.block_v))
+    tiles = math.ceil(v / cfg.block_v)
+    strips = math.ceil(tiles / lt.forward_strips(n, tiles, cfg.block_n))
+    return n * (36 + 12 * strips)
 
 
 def designs(shape: Shape, dtype: torch.dtype) -> list[dict]:

@@ -92,14 +92,13 @@ def _accumulator(name, out, needed: bool, shape, dtype, device, *, contiguous: b
 
 
 def linear_forward_triton(h3d, weight, bias, targets, params: LinearOpParams, *, config=None):
-    """Forward launches (``linear_triton.forward_chunks``). ``h3d`` ``[A, B, D]`` and ``weight`` ``[V, D]``
+    """Forward launches (``linear_triton.forward_tiles``). ``h3d`` ``[A, B, D]`` and ``weight`` ``[V, D]``
     with unit stride on ``D``; ``targets`` ``[A*B]`` int64. ``config``: ``(forward, dz)`` tile configs.
 
     Returns fp32 ``(logp [N], H [N], stats [3, N])``; ``stats`` = ``(m, log S, H)`` of every row
     (ignored rows included: their logits are the bias); ``logp``/``H`` are 0 on ignored rows.
     """
-    logp, H, stats, _ = linear_triton.forward_chunks(h3d, weight, bias, targets, params, config=config,
-                                                     vocab_chunk=params.vocab_chunk)
+    logp, H, stats, _ = linear_triton.forward_tiles(h3d, weight, bias, targets, params, config=config)
     return logp, H, stats
 
 
@@ -415,12 +414,13 @@ def linear_logprobs_and_entropy(
             come from emulating TF32 operands on the CPU, not from a GPU (none was available).
         backend: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU; ``ENTROPY_OPS_BACKEND``
             overrides), ``"triton"`` or ``"torch"``.
-        vocab_chunk: Triton path: vocab columns per chunk ``Vc`` (rounded up to whole tiles); the
-            backward holds one ``[N, Vc]`` ``dz`` buffer. ``None``: the largest ``Vc`` with
-            ``N Vc 2 <= max(N D, 16 MiB)`` bytes (bf16 ``dz``; ``Vc = D / 2``). Peak extra memory, bytes
-            beyond the inputs and the returned gradients (16-bit inputs, no bias)::
+        vocab_chunk: Triton path: vocab columns per backward chunk ``Vc`` (rounded up to whole tiles);
+            the backward holds one ``[N, Vc]`` ``dz`` buffer. ``None``: the largest ``Vc`` with
+            ``N Vc 2 <= max(N D, 16 MiB)`` bytes (bf16 ``dz``; ``Vc = D / 2``). The forward is one launch
+            over the whole vocabulary whatever ``Vc``. Peak extra memory, bytes beyond the inputs and the
+            returned gradients (16-bit inputs, no bias)::
 
-                N D 4 + N D 2 + N Vc 2 + O(N Vc / 128)     (fp32 dh, h operand of dW, dz, tile statistics)
+                N D 4 + N D 2 + N Vc 2                     (fp32 dh, h operand of dW, dz)
 
             e.g. 235 MB at N=8192, D=4096, V=131072 (Vc=2048); full formula in ``linear_triton``.
         matmul: Triton path: the two gradient matmuls per chunk in ``"cublas"`` (``"auto"`` on CUDA) or

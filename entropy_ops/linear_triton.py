@@ -1,10 +1,15 @@
 """Triton launches of the hidden-state op (``linear_logprobs_and_entropy``): forward, backward and the
-one-pass form, walking the vocabulary (or, one-pass, the tokens) in chunks.
+one-pass form; the backward walks the vocabulary (one-pass: the tokens) in chunks.
 
-Forward, per vocab chunk ``[v0, v0 + Vc)``: one grid of ``[BLOCK_N, BLOCK_V]`` tiles in grouped order
-(``_linear_logprobs_entropy_fwd``), then ``_linear_stats_merge`` folds the chunk's tile statistics into
-running ``(m, S, T)`` per row; the last chunk's merge writes ``logp``, ``H`` and the saved
-``(m, log S, H)``.
+Forward, two launches: one grid over (token block, vocab strip) pairs in grouped order
+(``_linear_logprobs_entropy_fwd``: each program walks its strip's ``[BLOCK_N, BLOCK_V]`` tiles, folding
+their statistics in registers), then ``_linear_stats_merge`` folds each row's strip statistics in order
+and writes ``logp``, ``H`` and the saved ``(m, log S, H)``. :func:`forward_strips` picks the strips: at
+least ``FORWARD_MIN_STRIPS`` per token block (the programs resident together share their ``W`` tiles
+and ``h`` blocks in L2, as in a grouped matmul) and about ``FORWARD_PROGRAMS`` programs in all (several
+waves on any GPU), so the partial statistics are ``12 R N`` bytes for ``R`` strips: at most
+``max(12 FORWARD_MIN_STRIPS N, 12 FORWARD_PROGRAMS B_N)``: 0.8 MB at N=8192 (8 strips), 1.1 MB with the
+statistics and outputs.
 
 Backward, per vocab chunk: ``_linear_logit_grad`` recomputes the logits tiles and writes ``dz`` (fp32
 math, stored in the gradient-matmul dtype) into one ``[N, Vc]`` buffer reused by every chunk, then::
@@ -29,8 +34,7 @@ Memory (bytes beyond the inputs and the returned gradients; ``e`` the input's el
 gradient-matmul dtype's (2 for 16-bit inputs, 4 for fp32), ``B_N = 128`` token rows per tile, ``B_V``
 vocab columns per tile)::
 
-    forward        N (36 + 12 Vf / B_V)                        statistics, outputs, one chunk's tile partials
-                                                               (Vf = 16 Vc: at most 1.5 N Vc)
+    forward        N (36 + 12 R)                               statistics, outputs, the R strips' partials
     backward peak  N D 4 [16-bit hidden] + N D e_g + N Vc e_g + 4 Vc ceil(N / B_N) [bias]
                    + fp16 weight: Vc D 6
 
@@ -49,7 +53,8 @@ from ._dispatch import triton_interpreting
 
 MATMULS = ("auto", "cublas", "triton")
 DZ_BUDGET_MIN = 16 << 20
-FORWARD_CHUNKS = 16  # backward vocab chunks per forward chunk (see forward_chunks)
+FORWARD_MIN_STRIPS = 8  # vocab strips per token block at least (see forward_strips)
+FORWARD_PROGRAMS = 512  # forward programs to aim for: about 4 waves of 1 CTA on 132 SMs
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -184,13 +189,21 @@ def _launch_tiles(kernel, n_rows, width, cfg, *args, **meta):
                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def forward_chunks(h3d, weight, bias, targets, params, *, config=None, vocab_chunk=None, workspace=None):
-    """Forward over vocab chunks -> fp32 ``(logp [N], H [N], stats [3, N], part)``.
+def forward_strips(n_rows: int, n_tiles: int, block_n: int) -> int:
+    """Vocab tiles per forward program: ``ceil(n_tiles / R)`` for ``R = clamp(ceil(FORWARD_PROGRAMS /
+    token blocks), FORWARD_MIN_STRIPS, n_tiles)`` strips per token block."""
+    strips = min(n_tiles, max(FORWARD_MIN_STRIPS, _cdiv(FORWARD_PROGRAMS, _cdiv(n_rows, block_n))))
+    return _cdiv(n_tiles, max(strips, 1))
+
+
+def forward_tiles(h3d, weight, bias, targets, params, *, config=None, workspace=None, tiles_per_prog=None):
+    """The forward -> fp32 ``(logp [N], H [N], stats [3, N], part)``.
 
     ``stats`` = ``(m, log S, H)`` of every row (ignored rows included: their logits are the bias);
-    ``logp``/``H`` are 0 on ignored rows. With ``workspace`` (``[N, V]``, the one-pass loss) the whole
-    vocabulary is one chunk and every tile also stores ``s - m_tile`` there; ``part`` (the tile
-    statistics of the last chunk, ``[3, tiles, N]``) is returned for the one-pass ``dz`` kernel.
+    ``logp``/``H`` are 0 on ignored rows. With ``workspace`` (``[N, V]``, the one-pass loss) every program
+    is one tile that also stores ``s - m_tile`` there, and ``part`` (the tile statistics, ``[3, tiles, N]``)
+    is returned for the one-pass ``dz`` kernel. ``tiles_per_prog``: tiles per program (``None``:
+    :func:`forward_strips`; the tests set it to walk strips at small shapes).
     """
     from .kernels import linear_logprobs_entropy as k
 
@@ -202,35 +215,30 @@ def forward_chunks(h3d, weight, bias, targets, params, *, config=None, vocab_chu
     if n_rows == 0:
         return logp, H, stats, None
     cfg = _configs(h3d.dtype, params, config)[0]
+    n_tiles = _cdiv(V, cfg.block_v)
     if workspace is not None:
-        vc = _cdiv(V, cfg.block_v) * cfg.block_v
+        per_prog = 1
     else:
-        # The forward holds no dz buffer, only [3, Vf / B_V, N] fp32 tile statistics: chunks of
-        # Vf = FORWARD_CHUNKS x Vc columns keep them at 1.5 N Vc bytes (< the backward's N Vc e_g dz buffer)
-        # with a sixteenth of the launches.
-        vc = FORWARD_CHUNKS * vocab_chunk_size(n_rows, D, V, gemm_dtype(h3d.dtype).itemsize, cfg.block_v,
-                                               vocab_chunk)
-    part = torch.empty(3, vc // cfg.block_v, n_rows, dtype=torch.float32, device=dev)
-    run = torch.empty(3, n_rows, dtype=torch.float32, device=dev)
-    run[0].fill_(float("-inf"))
-    run[1:].zero_()
+        per_prog = tiles_per_prog or forward_strips(n_rows, n_tiles, cfg.block_n)
+    n_parts = _cdiv(n_tiles, per_prog)
+    part = torch.empty(3, n_parts, n_rows, dtype=torch.float32, device=dev)
     s_y = torch.empty(n_rows, dtype=torch.float32, device=dev)
     meta = _kernel_meta(h3d.dtype, bias, params)
     ws = workspace if workspace is not None else part  # placeholder pointer, never written
-    for v0 in range(0, V, vc):
-        v1 = min(V, v0 + vc)
-        _launch_tiles(k._linear_logprobs_entropy_fwd, n_rows, v1 - v0, cfg,
-                      h3d, weight, bias if bias is not None else weight, targets, part, s_y, ws,
-                      n_rows, B, D, v0, v1,
-                      h3d.stride(0), h3d.stride(1), weight.stride(0), part.stride(0), part.stride(1),
-                      ws.stride(0) if workspace is not None else 0,
-                      params.inv_tau, params.logit_softcap or 1.0, params.ignore_index,
-                      **meta, STORE_LOGITS=workspace is not None)
-        k._linear_stats_merge[(_cdiv(n_rows, k.MERGE_BLOCK),)](
-            part, run, s_y, targets, logp, H, stats,
-            n_rows, _cdiv(v1 - v0, cfg.block_v), V, part.stride(0), part.stride(1), params.ignore_index,
-            BLOCK=k.MERGE_BLOCK, FINAL=v1 == V, num_warps=k.MERGE_WARPS,
-        )
+    grid = (_cdiv(n_rows, cfg.block_n) * n_parts,)
+    k._linear_logprobs_entropy_fwd[grid](
+        h3d, weight, bias if bias is not None else weight, targets, part, s_y, ws,
+        n_rows, B, D, 0, V, per_prog,
+        h3d.stride(0), h3d.stride(1), weight.stride(0), part.stride(0), part.stride(1),
+        ws.stride(0) if workspace is not None else 0,
+        params.inv_tau, params.logit_softcap or 1.0, params.ignore_index,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, **meta, STORE_LOGITS=workspace is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    k._linear_stats_merge[(_cdiv(n_rows, k.MERGE_BLOCK),)](
+        part, s_y, targets, logp, H, stats,
+        n_rows, n_parts, V, part.stride(0), part.stride(1), params.ignore_index,
+        BLOCK=k.MERGE_BLOCK, num_warps=k.MERGE_WARPS,
+    )
     return logp, H, stats, part
 
 
@@ -335,7 +343,7 @@ def onepass_chunk(h3d, weight, bias, targets, params, needs, grad_fn, *, config=
     method = resolve_matmul(matmul, dev)
     cfg = _configs(h3d.dtype, params, config)[0]
     ws = torch.empty(n_rows, V, dtype=gd, device=dev)
-    logp, H, stats, part = forward_chunks(h3d, weight, bias, targets, params, config=config, workspace=ws)
+    logp, H, stats, part = forward_tiles(h3d, weight, bias, targets, params, config=config, workspace=ws)
     g_logp, g_H = grad_fn(logp, H)
     db_part = torch.empty(_cdiv(n_rows, cfg.block_n), V, dtype=torch.float32, device=dev) if need_b else ws
     k._linear_onepass_grad[(_cdiv(n_rows, cfg.block_n), _cdiv(V, cfg.block_v))](

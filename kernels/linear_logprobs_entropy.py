@@ -3,20 +3,21 @@
 With ``z = h W^T (+ b)`` (``h [N, D]``, ``W [V, D]``), optional soft-cap
 ``z <- c tanh(z / c)``, and ``s = z / tau``, the kernels compute the quantities of
 ``softmax_stats`` (``H``, ``logp = s_y - lse``, ``lse = m + log S``) and the logit
-gradient without ever holding the ``[N, V]`` logits. The dispatcher
-(``entropy_ops.linear_ops``) walks the vocabulary in chunks of ``Vc`` columns and
-launches, per chunk, one grid of ``[BLOCK_N, BLOCK_V]`` tiles; every tile is a
-full-``D`` matmul (``tl.dot`` in ``BLOCK_D`` steps, fp32 accumulation, operands in
-the input dtype; on sm_90 ``tl.dot`` lowers to wgmma) followed by an epilogue:
+gradient without ever holding the ``[N, V]`` logits. Every kernel works on
+``[BLOCK_N, BLOCK_V]`` tiles (tokens x vocabulary); a tile is a full-``D`` matmul
+(``tl.dot`` in ``BLOCK_D`` steps, fp32 accumulation, operands in the input dtype; on
+sm_90 ``tl.dot`` lowers to wgmma) followed by an epilogue:
 
-- ``_linear_logprobs_entropy_fwd``: the tile's per-row ``(m, S, T)`` into a
-  ``[3, tiles, N]`` partial buffer (one writer per entry), ``s_y`` from the tile that
-  holds the target, and optionally (``STORE_LOGITS``, the one-pass loss) the tile's
-  ``s - m_tile`` into a logits workspace.
-- ``_linear_stats_merge``: folds a chunk's partials into running ``(m, S, T)`` in
-  tile order (deterministic); after the last chunk writes ``logp``, ``H`` and the
-  saved ``(m, log S, H)``.
-- ``_linear_logit_grad``: recomputes the tile from the saved statistics, forms
+- ``_linear_logprobs_entropy_fwd``: one program walks a *strip* of ``tiles_per_prog``
+  consecutive vocab tiles of one token block, folding each tile's per-row ``(m, S, T)``
+  into running statistics in registers (in tile order), and writes them once into a
+  ``[3, strips, N]`` partial buffer (one writer per entry); ``s_y`` comes from the tile
+  that holds the target. With ``STORE_LOGITS`` (the one-pass loss; one tile per
+  program) the tile's ``s - m_tile`` also goes into a logits workspace.
+- ``_linear_stats_merge``: folds a row's strip partials in strip order
+  (deterministic) and writes ``logp``, ``H`` and the saved ``(m, log S, H)``.
+- ``_linear_logit_grad`` (the backward walks the vocabulary in chunks of ``Vc`` columns,
+  one tile per program): recomputes the tile from the saved statistics, forms
   ``dz_i = (g_logp (1[i = y] - p_i) - g_H p_i (log p_i + H)) / tau * (1 - tanh^2(z_i / c))``
   in fp32 and stores it in the gradient-matmul dtype into an ``[N, Vc]`` buffer;
   its fp32 column sums per token block go to an ``[N / BLOCK_N, Vc]`` buffer for ``db``.
@@ -26,14 +27,14 @@ The two gradient matmuls per chunk (``dW[chunk] = dz^T h``, ``dh += dz W[chunk]`
 cuBLAS or in ``kernels/linear_matmul.py``.
 
 No kernel uses atomics: every output element has one writer, the cross-tile
-reductions (statistics across vocab tiles, ``db`` across token blocks, ``dW`` across
-tokens inside one matmul, ``dh`` across chunks in chunk order) run in a fixed order,
-so forward and backward are bitwise deterministic.
+reductions (statistics across vocab tiles and strips, ``db`` across token blocks, ``dW``
+across tokens inside one matmul, ``dh`` across chunks in chunk order) run in a fixed
+order, so forward and backward are bitwise deterministic.
 
 Program order (``_grouped_tile``): programs are numbered so that ``GROUP_N`` token
-blocks sweep the chunk's vocab tiles together (the Triton matmul tutorial's grouped
-order): the programs resident at once share ``GROUP_N`` ``h`` blocks and a few ``W``
-tiles in L2 instead of streaming them from HBM per tile.
+blocks sweep the vocab tiles (forward: strips) together (the Triton matmul tutorial's
+grouped order): the programs resident at once share ``GROUP_N`` ``h`` blocks and a few
+``W`` tiles in L2 instead of streaming them from HBM per tile.
 
 Rows are ``(outer, inner)`` pairs with two strides (``entropy_ops._layout``), so
 ``hidden[:, :-1]`` is read in place; ``D`` has unit stride in ``h`` and ``W``. Row
@@ -158,11 +159,11 @@ def _linear_logprobs_entropy_fwd(
     w_ptr,  # [V, D], D unit-stride, same dtype
     b_ptr,  # [V] same dtype (unused unless HAS_BIAS)
     targets_ptr,  # [rows] int64
-    part_ptr,  # [3, tiles, rows] fp32 out: the tile's m, S, T (last dim contiguous)
+    part_ptr,  # [3, strips, rows] fp32 out: the strip's m, S, T (last dim contiguous)
     s_y_ptr,  # [rows] fp32 out: s at the target, written by the tile that holds it
     ws_ptr,  # [rows, >= v_end] out (STORE_LOGITS): s - m_tile in the workspace dtype
     # shapes
-    n_rows, n_inner, D, v_begin, v_end,
+    n_rows, n_inner, D, v_begin, v_end, tiles_per_prog,
     # strides
     stride_h_outer, stride_h_inner, stride_w_v, stride_part_stat, stride_part_tile, stride_ws_row,
     # scalars
@@ -172,44 +173,53 @@ def _linear_logprobs_entropy_fwd(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     STORE_LOGITS: tl.constexpr,
 ):
-    """One program = one tile: token block ``i`` x vocab columns ``[v_begin + j BLOCK_V, ...)`` of the chunk.
+    """One program = token block ``i`` x strip ``j``: the vocab tiles ``[j P, (j + 1) P)`` (``P =
+    tiles_per_prog``, the last strip shorter) of ``[v_begin, v_end)``, in order.
 
-    Per row: the tile's ``m = max s``, ``S = sum exp(s - m)``, ``T = sum exp(s - m)(s - m)`` into
-    ``part[:, j, rows]``, and ``s_y`` when the target falls in the tile.
+    Per row: the strip's ``m = max s``, ``S = sum exp(s - m)``, ``T = sum exp(s - m)(s - m)`` (each tile's
+    folded into the running ones by ``merge_stats``) into ``part[:, j, rows]``, and ``s_y`` when the target
+    falls in one of the strip's tiles. ``STORE_LOGITS`` needs ``tiles_per_prog = 1`` (the one-pass dz kernel
+    reads each tile's own ``m`` from ``part``).
     """
     n_row_blocks = tl.cdiv(n_rows, BLOCK_N)
-    n_col_blocks = tl.cdiv(v_end - v_begin, BLOCK_V)
-    pid_n, pid_v = _grouped_tile(tl.program_id(0), n_row_blocks, n_col_blocks, GROUP)
+    n_tiles = tl.cdiv(v_end - v_begin, BLOCK_V)
+    n_strips = tl.cdiv(n_tiles, tiles_per_prog)
+    pid_n, pid_v = _grouped_tile(tl.program_id(0), n_row_blocks, n_strips, GROUP)
     rows, in_rows, target, keep, row_off = _rows(pid_n, n_rows, n_inner, targets_ptr, ignore_index,
                                                  stride_h_outer, stride_h_inner, BLOCK_N)
-    c0 = v_begin + pid_v * BLOCK_V
-    cols = c0 + tl.arange(0, BLOCK_V)
-    col_ok = cols < v_end
-    s, _ = _logits_tile(h_ptr, w_ptr, b_ptr, row_off, keep, cols, col_ok, D, stride_w_v, inv_tau, softcap,
-                        BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, INPUT_PRECISION, DOT_FP32)
-    m, S, T = tile_stats_rows(s, col_ok[None, :])
+    first = pid_v * tiles_per_prog
+    m_run = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    S_run = tl.zeros((BLOCK_N,), tl.float32)
+    T_run = tl.zeros((BLOCK_N,), tl.float32)
+    for tile in range(first, tl.minimum(first + tiles_per_prog, n_tiles)):
+        c0 = v_begin + tile * BLOCK_V
+        cols = c0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_end
+        s, _ = _logits_tile(h_ptr, w_ptr, b_ptr, row_off, keep, cols, col_ok, D, stride_w_v, inv_tau, softcap,
+                            BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, HAS_SOFTCAP, INPUT_PRECISION, DOT_FP32)
+        m, S, T = tile_stats_rows(s, col_ok[None, :])
+        m_run, S_run, T_run = merge_stats(m_run, S_run, T_run, m, S, T)
+        s_y = tl.sum(tl.where(cols[None, :] == target[:, None], s, 0.0), axis=1)
+        tl.store(s_y_ptr + rows, s_y, mask=keep & (target >= c0) & (target < c0 + BLOCK_V))
+        if STORE_LOGITS:
+            m_ref = tl.where(m == float("-inf"), 0.0, m)
+            ws = ws_ptr + rows[:, None] * stride_ws_row + cols[None, :]
+            tl.store(ws, (s - m_ref[:, None]).to(ws_ptr.dtype.element_ty), mask=in_rows[:, None] & col_ok[None, :])
     part = part_ptr + pid_v.to(tl.int64) * stride_part_tile + rows
-    tl.store(part, m, mask=in_rows)
-    tl.store(part + stride_part_stat, S, mask=in_rows)
-    tl.store(part + 2 * stride_part_stat, T, mask=in_rows)
-    s_y = tl.sum(tl.where(cols[None, :] == target[:, None], s, 0.0), axis=1)
-    tl.store(s_y_ptr + rows, s_y, mask=keep & (target >= c0) & (target < c0 + BLOCK_V))
-    if STORE_LOGITS:
-        m_ref = tl.where(m == float("-inf"), 0.0, m)
-        ws = ws_ptr + rows[:, None] * stride_ws_row + cols[None, :]
-        tl.store(ws, (s - m_ref[:, None]).to(ws_ptr.dtype.element_ty), mask=in_rows[:, None] & col_ok[None, :])
+    tl.store(part, m_run, mask=in_rows)
+    tl.store(part + stride_part_stat, S_run, mask=in_rows)
+    tl.store(part + 2 * stride_part_stat, T_run, mask=in_rows)
 
 
 @triton.jit
 def _linear_stats_merge(
     # pointers
-    part_ptr,  # [3, tiles, rows] fp32: the chunk's tile statistics
-    run_ptr,  # [3, rows] fp32 in/out: running m, S, T (start: -inf, 0, 0)
-    s_y_ptr,  # [rows] fp32 (read when FINAL, kept rows only)
+    part_ptr,  # [3, parts, rows] fp32: the strips' (or tiles') statistics
+    s_y_ptr,  # [rows] fp32 (kept rows only)
     targets_ptr,  # [rows] int64
-    logp_ptr,  # [rows] fp32 out when FINAL (0 for ignored rows)
-    entropy_ptr,  # [rows] fp32 out when FINAL (0 for ignored rows)
-    stats_ptr,  # [3, rows] fp32 out when FINAL, every row: m, log S, H (saved for backward)
+    logp_ptr,  # [rows] fp32 out (0 for ignored rows)
+    entropy_ptr,  # [rows] fp32 out (0 for ignored rows)
+    stats_ptr,  # [3, rows] fp32 out, every row: m, log S, H (saved for backward)
     # shapes
     n_rows, n_tiles, V,
     # strides
@@ -217,19 +227,18 @@ def _linear_stats_merge(
     # scalars
     ignore_index,
     # meta
-    BLOCK: tl.constexpr, FINAL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """One program = ``BLOCK`` rows: fold the ``n_tiles`` partials into the running statistics in tile
-    order (deterministic); when ``FINAL``, ``H = log S - T / S`` and ``logp = (s_y - m) - log S``.
+    """One program = ``BLOCK`` rows: fold the ``n_tiles`` partials in order (deterministic), then
+    ``H = log S - T / S`` and ``logp = (s_y - m) - log S``.
 
     Guard (no host-side range check needed): a kept row whose target lies outside ``[0, V)`` gets NaN
     ``logp``, ``H`` and ``m`` (so its backward ``dz`` is NaN too); its ``s_y`` was never written."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     in_rows = rows < n_rows
-    run = run_ptr + rows
-    m = tl.load(run, mask=in_rows, other=float("-inf"))
-    S = tl.load(run + n_rows, mask=in_rows, other=0.0)
-    T = tl.load(run + n_rows + n_rows, mask=in_rows, other=0.0)
+    m = tl.full((BLOCK,), float("-inf"), tl.float32)
+    S = tl.zeros((BLOCK,), tl.float32)
+    T = tl.zeros((BLOCK,), tl.float32)
     part = part_ptr + rows
     for _ in range(0, n_tiles):
         m, S, T = merge_stats(m, S, T,
@@ -237,24 +246,19 @@ def _linear_stats_merge(
                               tl.load(part + stride_part_stat, mask=in_rows, other=0.0),
                               tl.load(part + 2 * stride_part_stat, mask=in_rows, other=0.0))
         part += stride_part_tile  # pointer arithmetic: 64-bit, no int32 product
-    if FINAL:
-        target = tl.load(targets_ptr + rows, mask=in_rows, other=ignore_index)
-        keep = in_rows & (target != ignore_index)
-        log_S, H = finalize_stats(m, S, T)
-        bad = keep & ((target < 0) | (target >= V))
-        m = tl.where(bad, float("nan"), m)
-        H = tl.where(bad | (keep & (S == 0.0)), float("nan"), H)  # no finite logit: NaN, not the empty row's 0
-        s_y = tl.load(s_y_ptr + rows, mask=keep & ~bad, other=0.0)
-        tl.store(logp_ptr + rows, tl.where(keep, target_logprob(s_y, m, log_S), 0.0), mask=in_rows)
-        tl.store(entropy_ptr + rows, tl.where(keep, H, 0.0), mask=in_rows)
-        row_stats = stats_ptr + rows  # planes n_rows apart; pointer steps, no int32 product
-        tl.store(row_stats, m, mask=in_rows)
-        tl.store(row_stats + n_rows, log_S, mask=in_rows)
-        tl.store(row_stats + n_rows + n_rows, H, mask=in_rows)
-    else:
-        tl.store(run, m, mask=in_rows)
-        tl.store(run + n_rows, S, mask=in_rows)
-        tl.store(run + n_rows + n_rows, T, mask=in_rows)
+    target = tl.load(targets_ptr + rows, mask=in_rows, other=ignore_index)
+    keep = in_rows & (target != ignore_index)
+    log_S, H = finalize_stats(m, S, T)
+    bad = keep & ((target < 0) | (target >= V))
+    m = tl.where(bad, float("nan"), m)
+    H = tl.where(bad | (keep & (S == 0.0)), float("nan"), H)  # no finite logit: NaN, not the empty row's 0
+    s_y = tl.load(s_y_ptr + rows, mask=keep & ~bad, other=0.0)
+    tl.store(logp_ptr + rows, tl.where(keep, target_logprob(s_y, m, log_S), 0.0), mask=in_rows)
+    tl.store(entropy_ptr + rows, tl.where(keep, H, 0.0), mask=in_rows)
+    row_stats = stats_ptr + rows  # planes n_rows apart; pointer steps, no int32 product
+    tl.store(row_stats, m, mask=in_rows)
+    tl.store(row_stats + n_rows, log_S, mask=in_rows)
+    tl.store(row_stats + n_rows + n_rows, H, mask=in_rows)
 
 
 @triton.jit
@@ -380,13 +384,15 @@ def gemm_dtype_name(dtype_name: str) -> str:
 
 def compile_specs() -> list[LaunchSpec]:
     """Every configuration of the tile kernels the dispatcher can launch on CUDA, at N=8192, D=4096,
-    V=131072 with vocab chunks of Vc=2048 (second chunk: ``v_begin`` = 2048), contiguous ``hidden``.
+    V=131072: the forward in 8 strips of 128 tiles (``entropy_ops.linear_triton.forward_strips``), the
+    backward in vocab chunks of Vc=2048 (second chunk: ``v_begin`` = 2048), contiguous ``hidden``.
 
     The constexpr flags multiply: per input dtype / precision (fp32 IEEE, fp32 TF32, bf16, fp16) the
-    forward has 8 (bias x soft-cap x STORE_LOGITS, the last for the one-pass loss), the ``dz`` kernel 6
-    (bias x soft-cap x bias gradient when there is a bias); ``_linear_onepass_grad`` 8 (workspace bf16 /
-    fp32 x soft-cap x bias gradient), the merge 2: 66 in all, every one launchable. ``DOT_FP32`` is
-    always False here (interpreter only)."""
+    forward has 8 (bias x soft-cap x STORE_LOGITS, the last for the one-pass loss, one tile per program:
+    ``tiles_per_prog`` = 1, which the JIT makes a constant), the ``dz`` kernel 6 (bias x soft-cap x bias
+    gradient when there is a bias); ``_linear_onepass_grad`` 8 (workspace bf16 / fp32 x soft-cap x bias
+    gradient), the merge 1: 65 in all, every one launchable. ``DOT_FP32`` is always False here
+    (interpreter only)."""
     n, d, vc, v = 8192, 4096, 2048, 131072
     specs = []
     for dt, elem, tf32 in (("fp32", 4, False), ("fp32", 4, True), ("bf16", 2, False), ("fp16", 2, False)):
@@ -398,14 +404,16 @@ def compile_specs() -> list[LaunchSpec]:
                             DOT_FP32=False, GROUP=GROUP_N)
                 common = dict(h_ptr=Pointer(dt), w_ptr=Pointer(dt), b_ptr=Pointer(dt), targets_ptr=Pointer("i64"))
                 for store in (False, True):
-                    # one-pass: the whole vocabulary per token chunk (v_begin 0, v_end V), workspace [n, V]
-                    # forward chunks of Vf = 16 Vc columns (entropy_ops.linear_triton.FORWARD_CHUNKS)
-                    v0, v1, tiles = (0, v, v // fwd.block_v) if store else (16 * vc, 32 * vc, 16 * vc // fwd.block_v)
+                    # the whole vocabulary in one launch; one-pass (workspace [n, V]): one tile per program,
+                    # else 8 strips of 128 tiles
+                    per_prog = 1 if store else v // fwd.block_v // 8
+                    parts = v // fwd.block_v // per_prog
                     # without a workspace the dispatcher passes the partial buffer as a placeholder, stride 0
                     args = dict(common, part_ptr=Pointer("fp32"), s_y_ptr=Pointer("fp32"),
                                 ws_ptr=Pointer(gd if store else "fp32"),
-                                n_rows=n, n_inner=n, D=d, v_begin=v0, v_end=v1, stride_h_outer=n * d,
-                                stride_h_inner=d, stride_w_v=d, stride_part_stat=tiles * n, stride_part_tile=n,
+                                n_rows=n, n_inner=n, D=d, v_begin=0, v_end=v, tiles_per_prog=per_prog,
+                                stride_h_outer=n * d,
+                                stride_h_inner=d, stride_w_v=d, stride_part_stat=parts * n, stride_part_tile=n,
                                 stride_ws_row=v if store else 0, inv_tau=1.0, softcap=30.0, ignore_index=-100,
                                 BLOCK_N=fwd.block_n, BLOCK_V=fwd.block_v, BLOCK_D=fwd.block_d, **meta,
                                 STORE_LOGITS=store)
@@ -432,12 +440,8 @@ def compile_specs() -> list[LaunchSpec]:
                             stride_db_part=v, inv_tau=1.0, tau_over_cap=1 / 30.0, ignore_index=-100,
                             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, HAS_SOFTCAP=has_softcap, GRAD_BIAS=grad_bias)
                 specs.append(LaunchSpec(_linear_onepass_grad, args, ONEPASS_WARPS, 1, f"one-pass dz [{gd}]"))
-    for final in (False, True):
-        args = dict(part_ptr=Pointer("fp32"), run_ptr=Pointer("fp32"), s_y_ptr=Pointer("fp32"),
-                    targets_ptr=Pointer("i64"), logp_ptr=Pointer("fp32"), entropy_ptr=Pointer("fp32"),
-                    stats_ptr=Pointer("fp32"), n_rows=n, n_tiles=16 * vc // 128, V=v,
-                    stride_part_stat=16 * vc // 128 * n, stride_part_tile=n, ignore_index=-100,
-                    BLOCK=MERGE_BLOCK, FINAL=final)
-        label = "merge" + (" final" if final else "")
-        specs.append(LaunchSpec(_linear_stats_merge, args, MERGE_WARPS, 1, label))
+    args = dict(part_ptr=Pointer("fp32"), s_y_ptr=Pointer("fp32"), targets_ptr=Pointer("i64"),
+                logp_ptr=Pointer("fp32"), entropy_ptr=Pointer("fp32"), stats_ptr=Pointer("fp32"), n_rows=n,
+                n_tiles=8, V=v, stride_part_stat=8 * n, stride_part_tile=n, ignore_index=-100, BLOCK=MERGE_BLOCK)
+    specs.append(LaunchSpec(_linear_stats_merge, args, MERGE_WARPS, 1, "merge"))
     return specs

@@ -187,7 +187,7 @@ def test_backward_buffers_follow_the_memory_formula(monkeypatch, dtype):
     hidden, weight, bias, targets = make_inputs(n, d, v, dtype, seed=29)
     params = LinearOpParams(backend="triton", vocab_chunk=chunk)
     h3d = hidden.unsqueeze(0)
-    stats = linear_triton.forward_chunks(h3d, weight, bias, targets, params)[2]
+    stats = linear_triton.forward_tiles(h3d, weight, bias, targets, params)[2]
     sizes = trace_allocations(monkeypatch)
     g = torch.ones(n)
     dh, dw, db = linear_triton.backward_chunks(h3d, weight, bias, targets, stats, g, g, params, (True, True, True),

@@ -203,25 +203,39 @@ def test_cpu_small_blocks():
         assert_close(*_grad_view(name, got, ref.grad), 1e-5, name, rowwise=True)
 
 
-def test_vocab_chunks_agree(monkeypatch):
-    """The forward over one vocab chunk and over many (partial last chunk) agree with each other and with the
-    oracle; the saved statistics too (the merge folds chunks in order)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_strips_agree(dtype):
+    """The forward with every program walking a strip of several vocab tiles (16 tiles of 64 columns in
+    strips of 16, 3 (the last one short) or 1) agrees with the oracle, and the strip forms agree with each
+    other (saved statistics included: each program folds its tiles in order, the merge its strips)."""
     from entropy_ops import linear_triton
     from entropy_ops.kernels.linear_logprobs_entropy import LinearConfig
 
-    monkeypatch.setattr(linear_triton, "FORWARD_CHUNKS", 1)  # forward chunks = vocab_chunk columns
-
     cfg = LinearConfig(16, 64, 32, 1, 1)
-    hidden, weight, bias, targets = make_inputs(7, 32, 1000, torch.float32, seed=71)
-    h3d = hidden.unsqueeze(0)
-    outs = [linear_ops.linear_forward_triton(h3d, weight, bias, targets,
-                                             LinearOpParams(backend="triton", temperature=0.9, vocab_chunk=chunk),
-                                             config=(cfg, cfg)) for chunk in (None, 64, 300)]
+    hidden, weight, bias, targets = make_inputs(7, 32, 1000, dtype, seed=71)
+    params = LinearOpParams(backend="triton", temperature=0.9)
+    outs = [linear_triton.forward_tiles(hidden.unsqueeze(0), weight, bias, targets, params, config=(cfg, cfg),
+                                        tiles_per_prog=per_prog)[:3] for per_prog in (16, 3, 1, None)]
+    assert linear_triton.forward_strips(7, 16, 16) == 1  # small N: one tile per program
     ref_logp, ref_H = reference(hidden, weight, bias, targets, 0.9)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
     for out in outs:
-        assert_close(out[0], ref_logp, 1e-5, "logp")
-        assert_close(out[1], ref_H, 1e-5, "entropy")
+        assert_close(out[0], ref_logp, tol, "logp")
+        assert_close(out[1], ref_H, tol, "entropy")
         assert_close(out[2], outs[0][2], 1e-6, "saved stats")
+
+
+def test_forward_strips_rule():
+    """Strips per token block: at least FORWARD_MIN_STRIPS, about FORWARD_PROGRAMS programs in all, at most
+    one per tile; the partial statistics stay O(N) (8 strips at N=8192 and N=32768)."""
+    from entropy_ops.linear_triton import FORWARD_MIN_STRIPS, FORWARD_PROGRAMS, forward_strips
+
+    for n, tiles, want in ((8192, 1024, 128), (32768, 1188, 149), (1024, 1024, 16), (128, 1024, 2), (8192, 8, 1)):
+        per_prog = forward_strips(n, tiles, 128)
+        assert per_prog == want, (n, tiles, per_prog)
+        strips = -(-tiles // per_prog)
+        assert strips >= min(tiles, FORWARD_MIN_STRIPS)
+        assert strips * -(-n // 128) <= max(FORWARD_PROGRAMS, FORWARD_MIN_STRIPS * -(-n // 128)) + -(-n // 128)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
