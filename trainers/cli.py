@@ -176,10 +176,12 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # weight-loading bars would interleave with the training bar
     trainer = Trainer(config)
+    finished = False
     try:
         summary = trainer.train()
+        finished = True
     finally:
-        shutdown(trainer.dist)
+        shutdown(trainer.dist, wait=finished)
     if not trainer.dist.is_main:  # under torchrun, rank 0 reports
         return 130 if summary["interrupted"] else 0
     for name in ("first_eval", "last_eval"):

@@ -216,7 +216,11 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def shutdown(ctx: DistContext) -> None:
-    """Leave the process group (when this module joined it)."""
+def shutdown(ctx: DistContext, *, wait: bool = True) -> None:
+    """Leave the process group (when this module joined it). ``wait``: first wait for every rank, so that no
+    rank tears down its transport while a peer still talks to it (a gloo rank that exits early can be
+    aborted at exit); ``False`` after an error, when a peer may never arrive."""
     if ctx.enabled and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
