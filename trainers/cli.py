@@ -11,7 +11,7 @@ sets changes (``run_folder.RESUME_REFUSED`` lists what it may not change). With 
 GRPO on the embedded tiny model and arithmetic task.
 
 Before any model loads, the run folder and the models are checked
-(``grpo_trainer.check_before_loading``): a folder that already holds a run is
+(``preflight.check_before_loading``): a folder that already holds a run is
 refused unless ``--resume`` continues it or ``--overwrite`` moves it aside, and
 every such error is one line naming the argument. After Ctrl-C the command that
 continues the run is printed.
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             sys.stdout.write(config_yaml(config))
             return 0
-        from .grpo_trainer import check_before_loading
+        from .preflight import check_before_loading
         from .run_folder import default_output_dir
 
         if config.output_dir is None:  # fixed now, so that the resume command can name it

@@ -50,15 +50,16 @@ from .distributed import (all_reduce_sum, any_rank, broadcast_parameters, gather
 from .evaluation import evaluate
 from .fsdp import apply as apply_fsdp
 from .interrupt import GracefulStop
-from .logging_utils import EVAL_KEYS, MetricsLogger, format_line, peak_memory_mib, plot_metrics, read_metrics
-from .model import (choose_attn_implementation, choose_device, choose_dtype, completion_hidden, lm_head_of,
-                    load_model, load_tokenizer)
-from .preflight import check_model_available
+from .logging_utils import (EVAL_KEYS, MetricsLogger, format_line, is_terminal, peak_memory_mib, plot_metrics,
+                            read_metrics)
+from .model import (auto_threads, choose_attn_implementation, choose_device, choose_dtype, completion_hidden,
+                    lm_head_of, load_model, load_tokenizer)
+from .preflight import check_before_loading
 from .rewards import MathCorrectness, build_rewards
 from .rollout import Rollout, make_engine, sequence_inputs
-from .run_folder import (RESUME_FREE, check_run_folder, default_output_dir, move_run_aside, new_run_id, read_run_id,
-                         record_resume, resume_changes, write_run_file)
-from .tasks import TASKS, PromptSampler, load_jsonl, task_rows
+from .run_folder import (RESUME_FREE, move_run_aside, new_run_id, read_run_id, record_resume, resume_changes,
+                         write_run_file, write_yaml)
+from .tasks import TASKS, PromptSampler, load_rows
 
 IGNORE = -100
 
@@ -71,46 +72,6 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-
-
-# Below this many parameters a CPU run uses one thread: the matmuls (128 x 512 for the embedded
-# model) are too small to split, and on a shared machine every multi-threaded op waits for a
-# descheduled thread. Measured on the project's shared 2-core machine, the default run (200 steps,
-# seed 0): 1 thread 122-128 s wall (117-121 s CPU), 2 threads 1143 s wall (850 s CPU), same result.
-SINGLE_THREAD_MAX_PARAMS = 10_000_000
-
-
-def auto_threads(model, device) -> int | None:
-    """Thread count for ``torch_threads = 0``: 1 for a small model on CPU, else ``None`` (torch's default)."""
-    if device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SINGLE_THREAD_MAX_PARAMS:
-        return 1
-    return None
-
-
-def load_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
-    """``(train_rows, eval_rows)`` of the configured dataset."""
-    if config.dataset in TASKS:
-        train, held_out = task_rows(config.dataset, num_eval=config.num_eval_prompts, digits=config.arithmetic_digits)
-    else:
-        train, held_out = load_jsonl(config.dataset), []
-    if config.eval_dataset is not None:
-        held_out = load_jsonl(config.eval_dataset)[: config.num_eval_prompts]
-    return train, held_out
-
-
-def check_before_loading(config: TrainConfig) -> str:
-    """The checks that need no model: the run folder (see ``run_folder.py``) and the models' availability.
-
-    Raises ``ValueError`` naming the field; reads only. Returns the output directory.
-    """
-    output_dir = config.output_dir or default_output_dir(config.algo)
-    check_run_folder(output_dir, resume=config.resume, overwrite=config.overwrite)
-    if config.resume:
-        resume_changes(output_dir, config)  # refuses a change of algo, model, dataset, seed, ...
-    check_model_available("model", config.model)
-    if config.ref_model is not None:
-        check_model_available("ref_model", config.ref_model)
-    return output_dir
 
 
 class Trainer:
@@ -217,7 +178,7 @@ class Trainer:
             self.logger.log(self.step, "resume", {"checkpoint": os.path.basename(resume_from), "run_id": run_id,
                                                   "changed": changes})
             values.update(resume=False, overwrite=False)  # config.yaml: the run's settings, not this command's
-        _write_yaml(os.path.join(self.output_dir, "config.yaml"), values)
+        write_yaml(os.path.join(self.output_dir, "config.yaml"), values)
         return run_id
 
     # ------------------------------------------------------------------ scoring
@@ -453,7 +414,7 @@ class Trainer:
         # A progress bar only on a terminal: written to a file, its redraws are unreadable (the
         # metrics lines every log_every steps are the progress there).
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"{cfg.algo}", dynamic_ncols=True,
-                   disable=not main or not _is_terminal(sys.stderr))
+                   disable=not main or not is_terminal(sys.stderr))
         logged = read_metrics(self.logger.path) if self.resumed_from and main else []
         last_eval = self.step if any(r["kind"] == "eval" and r["step"] == self.step for r in logged) else None
         last_saved = self.step if self.resumed_from else None  # the checkpoint we started from
@@ -522,17 +483,3 @@ class Trainer:
             return
         self.logger.log(self.step, "eval", metrics)
         bar.write(format_line(self.step, metrics, EVAL_KEYS) + "  (held-out)")
-
-
-def _is_terminal(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):  # replaced or closed streams
-        return False
-
-
-def _write_yaml(path: str, values: dict) -> None:
-    import yaml
-
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(values, f, sort_keys=False)

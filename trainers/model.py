@@ -147,3 +147,17 @@ def completion_hidden(model, input_ids, attention_mask, position_ids, prompt_len
     out = body(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
                position_ids=position_ids[:, :-1], use_cache=False)
     return out.last_hidden_state[:, prompt_len - 1:]
+
+
+# Below this many parameters a CPU run uses one thread: the matmuls (128 x 512 for the embedded
+# model) are too small to split, and on a shared machine every multi-threaded op waits for a
+# descheduled thread. Measured on the project's shared 2-core machine, the default run (200 steps,
+# seed 0): 1 thread 122-128 s wall (117-121 s CPU), 2 threads 1143 s wall (850 s CPU), same result.
+SINGLE_THREAD_MAX_PARAMS = 10_000_000
+
+
+def auto_threads(model, device) -> int | None:
+    """Thread count for ``torch_threads = 0``: 1 for a small model on CPU, else ``None`` (torch's default)."""
+    if device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SINGLE_THREAD_MAX_PARAMS:
+        return 1
+    return None

@@ -1,4 +1,5 @@
-"""Checks made before anything heavy loads: is the model there, or can it be fetched?
+"""Checks made before anything heavy loads: is the output folder usable, is the model there, or can it be
+fetched? (:func:`check_before_loading` runs them all.)
 
 :func:`check_model_available` accepts a local model directory, the embedded
 ``tiny-arith``, or a Hub name that is already in the local Hugging Face cache.
@@ -10,6 +11,10 @@ within seconds instead of a long series of download retries. With
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 HUB_TIMEOUT_S = 5.0
 
@@ -42,3 +47,20 @@ def check_model_available(field: str, name: str, *, timeout: float = HUB_TIMEOUT
         raise ValueError(f"{field}: {name!r} is not in the local Hugging Face cache and the Hub cannot be reached "
                          f"({type(e).__name__}: {str(e)[:120]}); download it where there is a network, "
                          "or pass a local directory") from None
+
+
+def check_before_loading(config: TrainConfig) -> str:
+    """The checks that need no model: the run folder (see ``run_folder.py``) and the models' availability.
+
+    Raises ``ValueError`` naming the field; reads only. Returns the output directory.
+    """
+    from .run_folder import check_run_folder, default_output_dir, resume_changes
+
+    output_dir = config.output_dir or default_output_dir(config.algo)
+    check_run_folder(output_dir, resume=config.resume, overwrite=config.overwrite)
+    if config.resume:
+        resume_changes(output_dir, config)  # refuses a change of algo, model, dataset, seed, ...
+    check_model_available("model", config.model)
+    if config.ref_model is not None:
+        check_model_available("ref_model", config.ref_model)
+    return output_dir

@@ -185,3 +185,10 @@ def write_run_file(output_dir: str, run_id: str, **info) -> None:
 def default_output_dir(algo: str) -> str:
     """``runs/<algo>-<date>-<time>``: where a run goes when no output_dir is given."""
     return os.path.join("runs", f"{algo}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def write_yaml(path: str, values: dict) -> None:
+    import yaml
+
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(values, f, sort_keys=False)

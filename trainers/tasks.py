@@ -31,8 +31,12 @@ import json
 import os
 import random
 import re
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 PROMPT_TEMPLATE = "What is {a}{op}{b}?"
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -284,3 +288,14 @@ class PromptSampler:
         self.generator.set_state(state["generator"])
         self.order = list(state["order"])
         self.position = int(state["position"])
+
+
+def load_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
+    """``(train_rows, eval_rows)`` of the configured dataset."""
+    if config.dataset in TASKS:
+        train, held_out = task_rows(config.dataset, num_eval=config.num_eval_prompts, digits=config.arithmetic_digits)
+    else:
+        train, held_out = load_jsonl(config.dataset), []
+    if config.eval_dataset is not None:
+        held_out = load_jsonl(config.eval_dataset)[: config.num_eval_prompts]
+    return train, held_out
