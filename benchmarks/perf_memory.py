@@ -73,7 +73,8 @@ def ours_forward_bytes(n: int, d: int, v: int, dtype: torch.dtype) -> int:
 
 def designs(shape: Shape, dtype: torch.dtype) -> list[dict]:
     """One row per design: ``extra_bytes`` (modeled peak), ``deterministic``, ``dw_roundings`` (how many
-    times each ``d weight`` element is rounded to a 16-bit dtype; ``None`` for an order-dependent count)."""
+    times each ``d weight`` element is rounded to a 16-bit dtype; ``None`` for an order-dependent count, 0
+    for the forward alone)."""
     from entropy_ops import linear_triton as lt
     from entropy_ops.policy_onepass import default_token_chunk, onepass_peak_bytes
 
@@ -82,6 +83,8 @@ def designs(shape: Shape, dtype: torch.dtype) -> list[dict]:
     ours_bwd = lt.backward_peak_bytes(n, d, v, dtype)
     rows = [dict(design="entropy-ops (two-pass)", extra_bytes=max(ours_bwd, ours_forward_bytes(n, d, v, dtype)),
                  deterministic=True, dw_roundings=1)]
+    rows.append(dict(design="entropy-ops forward alone (either form)", extra_bytes=ours_forward_bytes(n, d, v, dtype),
+                     deterministic=True, dw_roundings=0))
     quarter = max(1, n // 4)  # the chunked helper at N / 4 tokens a chunk: a chunk's own backward, dW in place
     rows.append(dict(design="entropy-ops chunked, fp32_weight_grad=False, N/4 tokens a chunk",
                      extra_bytes=lt.backward_peak_bytes(quarter, d, v, dtype), deterministic=True,
@@ -116,7 +119,7 @@ def markdown(rows: list[dict]) -> str:
     ours = {r["shape"]: r["extra_bytes"] for r in rows if r["design"] == "entropy-ops (two-pass)"}
     for r in rows:
         ratio = r["extra_bytes"] / ours[r["shape"]]
-        rnd = "order-dependent" if r["dw_roundings"] is None else str(r["dw_roundings"])
+        rnd = {None: "order-dependent", 0: "-"}.get(r["dw_roundings"], str(r["dw_roundings"]))
         lines.append(f"| {r['shape']} | {r['design']} | {fmt_bytes(r['extra_bytes'])} | {ratio:.3g}x | "
                      f"{'yes' if r['deterministic'] else 'no'} | {rnd} |")
     return "\n".join(lines)

@@ -411,7 +411,7 @@ def linear_logprobs_and_entropy(
             ``sqrt(sum_k (h_k w_k)^2)`` when the operands are truncated, 3x less when rounded; for
             random data with logits of spread 3 (D = 4096, V = 32000) that is up to ``1e-2`` absolute
             in ``logp`` and ``H``, and ``4e-2`` in ``logp`` at spread 10 (D = 1024). These numbers
-            come from emulating TF32 operands on the CPU, not from a GPU (none was available).
+            come from emulating TF32 operands on the CPU; not yet measured on a GPU.
         backend: ``"auto"`` (Triton on CUDA, chunked PyTorch on CPU; ``ENTROPY_OPS_BACKEND``
             overrides), ``"triton"`` or ``"torch"``.
         vocab_chunk: Triton path: vocab columns per backward chunk ``Vc`` (rounded up to whole tiles);
@@ -425,14 +425,6 @@ def linear_logprobs_and_entropy(
             e.g. 235 MB at N=8192, D=4096, V=131072 (Vc=2048); full formula in ``linear_triton``.
         matmul: Triton path: the two gradient matmuls per chunk in ``"cublas"`` (``"auto"`` on CUDA) or
             ``"triton"`` (``kernels/linear_matmul.py``); on CPU tensors ``"auto"`` is fp32 PyTorch.
-
-    Returns:
-        ``(logp, entropy)``, fp32 ``[...]`` (fp64 for fp64 inputs on the CPU path).
-        Gradients flow to ``hidden``, ``weight`` and ``bias`` (any subset), once (no double backward):
-        the matmuls run in the input dtype with fp32 accumulation, ``dz`` rounded to the input dtype on
-        the Triton path (to bf16 for fp16 inputs, whose range would flush small ``dz`` to zero).
-        Both paths are deterministic: no atomics, every reduction in a fixed order.
-
         validate: the checks that read tensor data (targets in ``[0, V)``, a finite logit in every kept
             row), which synchronize with the host on CUDA. ``True``: always; ``False``: never;
             ``"auto"`` (default): on CPU tensors only. Without them a kept row whose target is out of
@@ -441,6 +433,13 @@ def linear_logprobs_and_entropy(
 
     Raises ``ValueError`` (with the value checks on) for a target out of range or a non-ignored row
     whose logits are not finite (NaN/inf inputs).
+
+    Returns:
+        ``(logp, entropy)``, fp32 ``[...]`` (fp64 for fp64 inputs on the CPU path).
+        Gradients flow to ``hidden``, ``weight`` and ``bias`` (any subset), once (no double backward):
+        the matmuls run in the input dtype with fp32 accumulation, ``dz`` rounded to the input dtype on
+        the Triton path (to bf16 for fp16 inputs, whose range would flush small ``dz`` to zero).
+        Both paths are deterministic: no atomics, every reduction in a fixed order.
     """
     params = linear_op_params(hidden, weight, bias, targets, temperature=temperature, ignore_index=ignore_index,
                               logit_softcap=logit_softcap, allow_tf32=allow_tf32, backend=backend,

@@ -32,9 +32,9 @@ def check_token_inputs(shape, device, mask, advantages, old_logprobs, ref_logpro
                        ignore_index=None):
     """The per-token tensors (mask, advantages, old / ref log-probs) against ``shape``; returns a bool mask.
 
-    Value checks on the tokens the mask keeps, in one host sync: finite advantages, no NaN old / ref
-    log-probs, and (with ``targets``) no target equal to ``ignore_index`` (it would reach the fused op as
-    an ignored token: log-prob 0, no gradient)."""
+    Value checks on the tokens the mask keeps, in one host sync: finite advantages, finite old / ref
+    log-probs (a sampled token's log-prob is never NaN or infinite), and (with ``targets``) no target
+    equal to ``ignore_index`` (it would reach the fused op as an ignored token: log-prob 0, no gradient)."""
     if not isinstance(mask, torch.Tensor) or mask.shape != shape:
         got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ValueError(f"mask must be a tensor of the targets' shape {tuple(shape)}, got {got}")
@@ -60,7 +60,7 @@ def check_token_inputs(shape, device, mask, advantages, old_logprobs, ref_logpro
     flags = [("advantages", ~torch.isfinite(advantages) & (mask if advantages.dim() == 2 else mask.any(-1)))]
     for name, x in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
         if x is not None:
-            flags.append((name, torch.isnan(x) & mask))
+            flags.append((name, ~torch.isfinite(x) & mask))
     if targets is not None:
         flags.append(("targets", (widen_targets(targets).view(targets.shape) == ignore_index) & mask))
     hits = torch.stack([bad.any() for _, bad in flags]).tolist()
@@ -73,7 +73,8 @@ def check_token_inputs(shape, device, mask, advantages, old_logprobs, ref_logpro
         if name == "targets":
             raise ValueError(f"targets must not equal ignore_index ({ignore_index}) on tokens the mask keeps; found "
                              f"one at index {idx} (mask that token out, or pass another ignore_index)")
-        raise ValueError(f"{name} must not be NaN on valid tokens; found NaN at index {idx}")
+        value = (old_logprobs if name == "old_logprobs" else ref_logprobs)[idx].item()
+        raise ValueError(f"{name} must be finite on valid tokens; found {value} at index {idx}")
     return mask
 
 
@@ -97,10 +98,19 @@ def check_input_path(shape, logits, hidden, weight, bias):
         raise ValueError("pass logits [B, T, V], or hidden [B, T, D] with weight [V, D]")
 
 
-def use_one_pass(one_pass, cfg, logits, hidden, weight, bias) -> bool:
-    """Resolve ``policy_loss``'s ``one_pass`` (see its docstring): whether this call runs the one-pass loss."""
+def use_one_pass(one_pass, cfg, logits, hidden, weight, bias, *, token_chunk=None, vocab_chunk=None) -> bool:
+    """Resolve ``policy_loss``'s ``one_pass`` (see its docstring): whether this call runs the one-pass loss.
+
+    An explicit choice refuses the other form's chunk argument (``token_chunk`` is the one-pass loss's,
+    ``vocab_chunk`` the two-pass op's); with ``one_pass=None`` the one that does not apply is unused."""
     if one_pass is not None and not isinstance(one_pass, bool):
         raise TypeError(f"one_pass must be None, True or False, got {type(one_pass).__name__}")
+    if one_pass is False and token_chunk is not None:
+        raise ValueError(f"token_chunk ({token_chunk!r}) applies to the one-pass loss, but one_pass=False; "
+                         "vocab_chunk sets the two-pass op's chunks")
+    if one_pass is True and vocab_chunk is not None:
+        raise ValueError(f"vocab_chunk ({vocab_chunk!r}) applies to the two-pass form, but one_pass=True; "
+                         "token_chunk sets the one-pass loss's chunks")
     if one_pass is False:
         return False
     if one_pass is True:

@@ -363,13 +363,13 @@ def policy_loss(*, targets, mask, advantages, logits=None, hidden=None, weight=N
         ``metrics`` a dict of detached 0-dim fp32 tensors (defined there too).
 
     Host syncs: only the input checks (one for the values of the O(tokens) inputs: finite advantages,
-    no NaN old / ref log-probs, no kept target equal to ``ignore_index``; a non-bool mask's values; the
+    finite old / ref log-probs, no kept target equal to ``ignore_index``; a non-bool mask's values; the
     fused op's target range); the loss and the metrics stay on the device.
     """
     cfg = _resolve_config(config)
     valid = check_policy_inputs(targets, mask, advantages, logits, hidden, weight, bias, old_logprobs, ref_logprobs,
                                 cfg, ignore_index)
-    if use_one_pass(one_pass, cfg, logits, hidden, weight, bias):
+    if use_one_pass(one_pass, cfg, logits, hidden, weight, bias, token_chunk=token_chunk, vocab_chunk=vocab_chunk):
         from .policy_onepass import one_pass_policy_loss
 
         return one_pass_policy_loss(targets, valid, advantages, hidden, weight, bias, old_logprobs, ref_logprobs, cfg,

@@ -144,6 +144,18 @@ def test_bad_one_pass_arguments():
         policy_loss(**plain, logits=logits, config="dapo", one_pass=True)
 
 
+def test_an_explicit_form_refuses_the_other_forms_chunk_argument():
+    """one_pass=False with token_chunk, or one_pass=True with vocab_chunk, is refused by name (with
+    one_pass=None the argument of the form not taken is unused)."""
+    batch = make_batch()
+    with pytest.raises(ValueError, match="token_chunk"):
+        policy_loss(**batch, config="dapo", one_pass=False, token_chunk=4, backend="torch")
+    with pytest.raises(ValueError, match="vocab_chunk"):
+        policy_loss(**batch, config="dapo", one_pass=True, vocab_chunk=128, backend="torch")
+    loss, _ = policy_loss(**batch, config="gspo", one_pass=None, token_chunk=4, backend="torch")
+    assert torch.isfinite(loss)
+
+
 @pytest.mark.parametrize("one_pass", [True, False])
 def test_narrow_target_dtype_is_widened(one_pass):
     """uint8 targets: the masked fill with ignore_index = -100 happens after widening (no wrap to 156,

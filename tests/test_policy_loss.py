@@ -548,9 +548,10 @@ def test_bad_inputs_name_the_argument(changes, exc, pattern):
         bad_call(**changes)
 
 
-@pytest.mark.parametrize("name", ["old_logprobs", "ref_logprobs", "targets"])
-def test_bad_values_on_kept_tokens_name_the_argument_and_index(name):
-    """A NaN old / ref log-prob, or a target equal to ignore_index, on a kept token is refused (the
+@pytest.mark.parametrize("name,bad", [("old_logprobs", math.nan), ("old_logprobs", -math.inf),
+                                      ("ref_logprobs", math.inf), ("targets", -100)])
+def test_bad_values_on_kept_tokens_name_the_argument_and_index(name, bad):
+    """A non-finite old / ref log-prob, or a target equal to ignore_index, on a kept token is refused (the
     latter would reach the fused op as an ignored token: log-prob 0, no gradient); on a masked token it
     is fine."""
     batch = make_batch(95)
@@ -559,7 +560,7 @@ def test_bad_values_on_kept_tokens_name_the_argument_and_index(name):
     args = {k: v for k, v in batch.items() if k != "config"}
     for where, refused in ((dropped, False), (kept, True)):
         x = args[name].clone() if args.get(name) is not None else torch.zeros(args["targets"].shape)
-        x[where] = -100 if name == "targets" else math.nan
+        x[where] = bad
         call = dict(args, **{name: x})
         if refused:
             with pytest.raises(ValueError, match=rf"{name}.*index {re.escape(str(where))}"):
