@@ -53,6 +53,21 @@ def widen_targets(targets: torch.Tensor) -> torch.Tensor:
     return targets.reshape(-1).to(torch.int64).contiguous()
 
 
+def check_bool_mask(name: str, mask, shape, device, reference: str) -> torch.Tensor:
+    """``mask`` as a bool tensor of ``shape`` on ``device`` (``reference`` names the tensor it must match,
+    e.g. ``"the targets'"``); a non-bool mask must hold only 0/1 (a host sync, non-bool masks only)."""
+    if not isinstance(mask, torch.Tensor) or mask.shape != shape:
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{name} must be a tensor of {reference} shape {tuple(shape)}, got {got}")
+    if mask.device != device:
+        raise ValueError(f"{name} must be on {reference} device ({device}), got {mask.device}")
+    if mask.dtype != torch.bool:
+        if mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{name} must be bool or hold only 0/1 values")
+        mask = mask != 0
+    return mask
+
+
 def check_float_tensor(name: str, x, *, min_dim: int = 1, allow_fp64: bool = True) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -172,6 +172,15 @@ def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumula
     return out
 
 
+def _round_into(dst: torch.Tensor, prod: torch.Tensor, *, add: bool) -> None:
+    """An fp32 ``dW`` block into a 16-bit weight gradient block (fp16 weights, whose matmuls run on bf16
+    operands): stored, or (``add``) summed in fp32 with what ``dst`` holds; one rounding either way."""
+    if add:
+        dst.add_(prod)
+    else:
+        dst.copy_(prod)
+
+
 def rows2d(h3d: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[A, B, D]`` rows as one contiguous ``[A B, D]`` matrix in ``dtype`` with ignored rows zeroed, the
     ``h`` operand of the ``dW`` matmul (``N D`` elements). A copy always: it flattens rows that do not
@@ -297,12 +306,9 @@ def backward_chunks(h3d, weight, bias, targets, stats, g_logp, g_H, params, need
             else:
                 db[v0:v1] = part_sum
         if need_w:
-            if dw_tmp is not None:
-                matmul_into(dw_tmp[:w], dz_c.t(), h2d, accumulate=False, method=method)
-                if dw_out is not None:  # the caller's weight-dtype accumulator: one rounding per call
-                    dw[v0:v1] += dw_tmp[:w]
-                else:
-                    dw[v0:v1] = dw_tmp[:w]
+            if dw_tmp is not None:  # dw_out given: the caller's weight-dtype accumulator
+                _round_into(dw[v0:v1], matmul_into(dw_tmp[:w], dz_c.t(), h2d, accumulate=False, method=method),
+                            add=dw_out is not None)
             else:
                 matmul_into(dw[v0:v1], dz_c.t(), h2d, accumulate=dw_out is not None, method=method,
                             allow_tf32=params.allow_tf32)
@@ -377,9 +383,7 @@ def onepass_chunk(h3d, weight, bias, targets, params, needs, grad_fn, *, config=
         else:
             dw_blk = torch.empty(vc, D, dtype=torch.float32, device=dev)
             for v0, v1 in blocks:
-                prod = matmul_into(dw_blk[:v1 - v0], ws[:, v0:v1].t(), h2d, accumulate=False, method=method)
-                if dw_first:
-                    dw_acc[v0:v1].copy_(prod)
-                else:
-                    dw_acc[v0:v1].add_(prod)  # fp32 sum, one rounding to fp16
+                _round_into(dw_acc[v0:v1],
+                            matmul_into(dw_blk[:v1 - v0], ws[:, v0:v1].t(), h2d, accumulate=False, method=method),
+                            add=not dw_first)
     return logp, H, stats

@@ -2,7 +2,7 @@
 path) and the resolution of its ``one_pass`` switch; every message names the argument."""
 import torch
 
-from ._validation import check_float_tensor, widen_targets
+from ._validation import check_bool_mask, check_float_tensor, widen_targets
 
 
 def one_pass_eligible(config) -> bool:
@@ -35,15 +35,7 @@ def check_token_inputs(shape, device, mask, advantages, old_logprobs, ref_logpro
     Value checks on the tokens the mask keeps, in one host sync: finite advantages, finite old / ref
     log-probs (a sampled token's log-prob is never NaN or infinite), and (with ``targets``) no target
     equal to ``ignore_index`` (it would reach the fused op as an ignored token: log-prob 0, no gradient)."""
-    if not isinstance(mask, torch.Tensor) or mask.shape != shape:
-        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask must be a tensor of the targets' shape {tuple(shape)}, got {got}")
-    if mask.device != device:
-        raise ValueError(f"mask must be on the targets' device ({device}), got {mask.device}")
-    if mask.dtype != torch.bool:
-        if mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):  # host sync (non-bool only)
-            raise ValueError("mask must be bool or hold only 0/1 values")
-        mask = mask != 0
+    mask = check_bool_mask("mask", mask, shape, device, "the targets'")
     check_float_tensor("advantages", advantages)
     if advantages.shape not in (shape[:1], shape) or advantages.device != device:
         raise ValueError(f"advantages must have shape ({shape[0]},) or {tuple(shape)} on {device}, "

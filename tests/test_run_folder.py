@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -42,15 +41,6 @@ def restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a model was loaded before the run folder was checked")
-
-    monkeypatch.setattr(grpo_trainer, "load_model", forbidden)
-    monkeypatch.setattr(grpo_trainer, "load_tokenizer", forbidden)
 
 
 def snapshot(root) -> dict[str, str]:
@@ -140,19 +130,13 @@ def test_pruning_touches_only_the_current_runs_checkpoints(tmp_path):
     assert json.loads((run / "checkpoint-000200" / INFO_FILE).read_text())["run_id"] == "new"
 
 
-def test_ctrl_c_evaluates_prints_resume_command_and_resume_appends(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_evaluates_prints_resume_command_and_resume_appends(tmp_path, capsys, monkeypatch,
+                                                                  ctrl_c_after_each_step):
     run = str(tmp_path / "run")
     argv = ["train", "--output-dir", run, "--max-steps", "2", *SMALL]
-    original_step = Trainer.train_step
-
-    def step_then_interrupt(self):
-        metrics = original_step(self)
-        os.kill(os.getpid(), signal.SIGINT)
-        return metrics
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    restore = ctrl_c_after_each_step()
     assert main(argv) == 130
-    monkeypatch.setattr(Trainer, "train_step", original_step)
+    restore()
     out = capsys.readouterr()
     assert "\r" not in out.out + out.err  # not a terminal: no progress-bar redraws
     assert "held-out after (step 1): greedy_acc=" in out.out  # evaluated at the stop, not step 0 again
@@ -232,21 +216,17 @@ def test_resume_continues_with_the_runs_saved_settings(tmp_path, capsys, monkeyp
     assert [s for s, _ in list_checkpoints(run)] == [2]
 
 
-def test_second_ctrl_c_skips_the_evaluation_at_the_stop_and_says_so(tmp_path, capsys, monkeypatch):
+def test_second_ctrl_c_skips_the_evaluation_at_the_stop_and_says_so(tmp_path, capsys, monkeypatch,
+                                                                    ctrl_c_after_each_step):
     run = str(tmp_path / "run")
-    original_step, original_evaluate = Trainer.train_step, Trainer.evaluate
-
-    def step_then_interrupt(self):
-        metrics = original_step(self)
-        os.kill(os.getpid(), signal.SIGINT)
-        return metrics
+    original_evaluate = Trainer.evaluate
 
     def evaluate_or_second_ctrl_c(self):
         if self.step > 0:  # the evaluation at the stop: the user presses Ctrl-C again
             raise KeyboardInterrupt
         return original_evaluate(self)
 
-    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    ctrl_c_after_each_step()
     monkeypatch.setattr(Trainer, "evaluate", evaluate_or_second_ctrl_c)
     assert main(["train", "--output-dir", run, "--max-steps", "3", *SMALL, "--plot=false"]) == 130
     out = capsys.readouterr().out

@@ -11,7 +11,6 @@ import copy
 import json
 import math
 import os
-import signal
 import sys
 import types
 
@@ -58,7 +57,7 @@ def _params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_two_steps_then_interrupt_and_resume(tmp_path, monkeypatch):
+def test_two_steps_then_interrupt_and_resume(tmp_path, ctrl_c_after_each_step):
     torch.manual_seed(0)
     initial = load_file(os.path.join(tiny_model_path(), "model.safetensors"))
 
@@ -84,18 +83,11 @@ def test_two_steps_then_interrupt_and_resume(tmp_path, monkeypatch):
     assert not [n for n in os.listdir(tmp_path / "straight") if n.startswith(".checkpoint")]  # no temp dirs left
 
     # Ctrl-C during step 1: the step finishes, a checkpoint is saved, the run stops.
-    original_step = Trainer.train_step
-
-    def step_then_interrupt(self):
-        metrics = original_step(self)
-        os.kill(os.getpid(), signal.SIGINT)
-        return metrics
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    restore = ctrl_c_after_each_step()
     _, summary = _run(tmp_path, "resumed", max_steps=2, save_every=0)
     assert summary["interrupted"] and summary["steps"] == 1
     assert [s for s, _ in list_checkpoints(str(tmp_path / "resumed"))] == [1]
-    monkeypatch.setattr(Trainer, "train_step", original_step)
+    restore()
 
     # Resume: continues at step 2 and ends where the uninterrupted run ended.
     trainer, summary = _run(tmp_path, "resumed", max_steps=2, save_every=0, resume=True)

@@ -64,11 +64,9 @@ def latest_checkpoint(output_dir: str) -> str | None:
 
 def checkpoint_run_id(checkpoint_dir: str) -> str | None:
     """The run id recorded in a checkpoint (None: written without one)."""
-    path = os.path.join(checkpoint_dir, INFO_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f).get("run_id")
+    from .run_folder import run_id_in
+
+    return run_id_in(os.path.join(checkpoint_dir, INFO_FILE))
 
 
 def save_checkpoint(output_dir: str, step: int, *, model, tokenizer, state: dict, keep: int,

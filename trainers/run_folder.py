@@ -167,13 +167,17 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
-def read_run_id(output_dir: str) -> str | None:
-    """The id in ``output_dir/run.json`` (None when the folder has none)."""
-    path = os.path.join(output_dir, RUN_FILE)
+def run_id_in(path: str) -> str | None:
+    """The ``run_id`` field of the JSON file ``path`` (None when the file or the field is missing)."""
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f).get("run_id")
+
+
+def read_run_id(output_dir: str) -> str | None:
+    """The id in ``output_dir/run.json`` (None when the folder has none)."""
+    return run_id_in(os.path.join(output_dir, RUN_FILE))
 
 
 def write_run_file(output_dir: str, run_id: str, **info) -> None:

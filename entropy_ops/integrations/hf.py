@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from .._validation import check_bool_mask
 from ..output_head import (  # noqa: F401  (re-exported)
     OutputHead,
     capture_head,
@@ -76,19 +77,6 @@ def scatter_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
 
-def _as_bool_mask(name: str, mask, shape: torch.Size, device: torch.device) -> torch.Tensor:
-    if not isinstance(mask, torch.Tensor) or mask.shape != shape:
-        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"{name} must be a tensor of input_ids' shape {tuple(shape)}, got {got}")
-    if mask.device != device:
-        raise ValueError(f"{name} must be on input_ids' device ({device}), got {mask.device}")
-    if mask.dtype != torch.bool:
-        if mask.dtype.is_complex or not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(f"{name} must be bool or hold only 0/1 values")
-        mask = mask != 0
-    return mask
-
-
 def compute_logprobs_and_entropy(model, input_ids, attention_mask, completion_mask, temperature=1.0,
                                  backend="auto", **kwargs):
     """Per-token log-prob and entropy of ``input_ids`` under a Hugging Face causal LM, logits-free.
@@ -122,11 +110,11 @@ def compute_logprobs_and_entropy(model, input_ids, attention_mask, completion_ma
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must have an integer dtype, got {input_ids.dtype}")
     shape, device = input_ids.shape, input_ids.device
-    completion = _as_bool_mask("completion_mask", completion_mask, shape, device)
+    completion = check_bool_mask("completion_mask", completion_mask, shape, device, "input_ids'")
     if bool(completion[:, 0].any()):
         raise ValueError("completion_mask[:, 0] must be False: no prefix predicts the first token")
     if attention_mask is not None:
-        attended = _as_bool_mask("attention_mask", attention_mask, shape, device)
+        attended = check_bool_mask("attention_mask", attention_mask, shape, device, "input_ids'")
         if bool((completion & ~attended).any()):
             raise ValueError("completion_mask selects a position whose attention_mask is 0")
     hidden, head, _ = captured_hidden(model, input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
