@@ -42,9 +42,9 @@ class LinearDesign:
 
 
 DESIGNS = {
-    # What entropy_ops.linear_triton ships: fused Triton forward tiles (128 x 128 x 64) over chunks of
-    # 16 Vc columns, a fused Triton recompute + dz kernel per chunk of Vc = D / 2 (16-bit) columns, cuBLAS
-    # gradient matmuls.
+    # What entropy_ops.linear_triton ships: fused Triton forward tiles (128 x 128 x 64) in one launch, each
+    # program folding a strip of tiles, a fused Triton recompute + dz kernel per chunk of Vc = D / 2 (16-bit)
+    # columns, cuBLAS gradient matmuls.
     "chunked": LinearDesign("chunked: Triton fused tiles, cuBLAS gradient GEMMs, no atomics", "chunked"),
     # The portable pattern of verl / Liger's non-Hopper paths: every GEMM in cuBLAS, statistics and dz as
     # bandwidth passes over a bf16 [N, Vc] workspace (Vc = 4096).
